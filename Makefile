@@ -1,0 +1,75 @@
+# Copy-detection pipeline. `make demo` installs everything and runs the pipeline on the bundled
+# demo data; `make test` installs everything and runs the test suite.
+#   make all QUERY=path/to/queries REF=path/to/references WORK=work   -> $(WORK)/submission.csv
+#   make eval GT=path/to/gt.csv                                        -> micro-AP, recall@P90
+# Every stage skips what already exists, so re-running a target resumes it.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+QUERY ?= data/queryimages
+REF ?= data/referenceimages
+GT ?= data/gt.csv
+WORK ?= work
+CONFIG ?=
+OPTS ?=
+TRAIN_PHOTOS ?= ../shared/trainset/photos
+SUBMISSION ?= $(WORK)/submission.csv
+ARGS = --work $(WORK) $(if $(CONFIG),--config $(CONFIG)) $(OPTS)
+SETS = --queries $(QUERY) --references $(REF)
+
+.PHONY: install demo all extract extract-references extract-queries search verify merge eval \
+	test lint bench train-index calibrate clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	touch $@
+
+demo: install
+	$(MAKE) all eval QUERY=data/queryimages REF=data/referenceimages GT=data/gt.csv
+
+all: merge
+
+extract: extract-references extract-queries
+
+extract-references: install
+	$(PY) -m local_fea.extract --images $(REF) $(ARGS)
+
+extract-queries: install
+	$(PY) -m local_fea.extract --images $(QUERY) --mirror $(ARGS)
+
+search: extract
+	$(PY) -m local_fea.search $(SETS) $(ARGS)
+
+verify: search
+	$(PY) -m match_score.verify $(SETS) $(ARGS)
+
+merge: verify
+	$(PY) -m merge.fuse $(SETS) --out $(SUBMISSION) $(ARGS)
+
+eval: install
+	$(PY) -m evaluation.isc_metric --predictions $(SUBMISSION) --gt $(GT) \
+		--plot $(WORK)/pr_curve.png --json $(WORK)/metrics.json
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install
+	$(PY) -m bench.bench_local
+
+# Models and indexes shipped in the repository, rebuilt from training photos (never references).
+train-index: install
+	$(PY) -m local_fea.train_index --images $(TRAIN_PHOTOS) $(ARGS)
+
+calibrate: install
+	$(PY) -m match_score.calibrate --photos $(TRAIN_PHOTOS) $(ARGS)
+
+clean:
+	rm -rf $(WORK)

@@ -1,0 +1,200 @@
+"""Image sets (ids are file stems) and robust image decoding.
+
+``read_image`` turns whatever a user's folder holds into an 8-bit grey or RGB array, or raises
+``ImageError`` with a one-line reason: corrupt, truncated, empty and non-image files, images
+over the pixel limit (decompression bombs), CMYK, 16-bit, float, palette, alpha and animated
+images, and EXIF-rotated photos. JPEGs are decoded at a reduced DCT scale when only a small
+version is needed, which is much faster than decoding the full image and resizing it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from common import UserError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif"}
+)
+DEFAULT_MAX_PIXELS = 150_000_000
+Image.MAX_IMAGE_PIXELS = None  # our own limit (read_image's max_pixels) applies instead
+_EXIF_ORIENTATION = 0x0112
+
+
+class ImageError(ValueError):
+    """An input that cannot be used as an image; the message is one line for the skip report."""
+
+
+class DuplicateIdError(UserError):
+    """Two files of one image set share a stem, hence an id."""
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """The images of one folder, sorted by id."""
+
+    name: str
+    root: Path
+    ids: tuple[str, ...]
+    paths: tuple[Path, ...]
+    ignored: tuple[Path, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def list_images(folder: str | Path, name: str | None = None) -> ImageSet:
+    """List the images under ``folder`` (recursively); ids are file stems and must be unique.
+
+    Files whose suffix is not an image suffix are listed in ``ignored`` (and logged), hidden
+    files are skipped. Files with an image suffix but no image inside are kept: decoding them
+    fails later with a clear reason in the skip report.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise UserError(f"image folder not found: {root}")
+    by_id: dict[str, Path] = {}
+    ignored = []
+    for path in sorted(root.rglob("*")):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            ignored.append(path)
+            continue
+        if path.stem in by_id:
+            raise DuplicateIdError(
+                f"duplicate image id {path.stem!r}: {by_id[path.stem]} and {path}"
+            )
+        by_id[path.stem] = path
+    if ignored:
+        log.warning(
+            "%s: ignored %d file(s) without an image suffix, e.g. %s",
+            root, len(ignored), ", ".join(p.name for p in ignored[:3]),
+        )
+    ids = tuple(sorted(by_id))
+    return ImageSet(
+        name=name or root.resolve().name,
+        root=root,
+        ids=ids,
+        paths=tuple(by_id[i] for i in ids),
+        ignored=tuple(ignored),
+    )
+
+
+def _oriented_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) after EXIF orientation is applied."""
+    w, h = img.size
+    try:
+        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # broken EXIF block: orientation is ignored, like exif_transpose does
+        orientation = 1
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit, 32-bit int and float images scaled to 8 bits (PIL would clip them)."""
+    arr = np.asarray(img)
+    if img.mode.startswith("I;16"):
+        arr = (arr.astype(np.uint32) >> 8).astype(np.uint8)
+    else:
+        arr = arr.astype(np.float64)
+        lo, hi = np.nanmin(arr), np.nanmax(arr)
+        arr = np.nan_to_num((arr - lo) * (255.0 / max(hi - lo, 1e-12)))
+        arr = arr.round().astype(np.uint8)
+    return Image.fromarray(arr, mode="L")
+
+
+def _convert(img: Image.Image, mode: str) -> Image.Image:
+    """Convert any PIL mode to ``L`` or ``RGB``; transparency is composited over white."""
+    if img.mode.startswith("I") or img.mode == "F":
+        img = _to_8bit(img)
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    if img.mode not in ("L", "RGB"):
+        img = img.convert("RGB")  # CMYK, YCbCr, LAB, HSV, 1
+    return img.convert(mode) if img.mode != mode else img
+
+
+def read_image(
+    path: str | Path,
+    mode: str = "L",
+    min_side: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode ``path`` to a uint8 array (``mode`` ``"L"`` or ``"RGB"``), EXIF orientation applied.
+
+    With ``min_side``, a JPEG may be decoded at a reduced scale whose short side is still at
+    least ``min_side``; the caller resizes the rest of the way. Returns the array and the
+    image's full (oriented) size ``(width, height)``, so coordinates can be mapped back.
+    Animated images give their first frame. Raises ``ImageError`` for unusable input.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageError("empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's EXIF/ICC chatter is not actionable
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise ImageError(
+                        f"too large: {width}x{height} px is over the {max_pixels:,} px limit"
+                    )
+                if width == 0 or height == 0:
+                    raise ImageError(f"degenerate size {width}x{height}")
+                full_size = _oriented_size(img)
+                if img.format == "JPEG":  # decode luma only, and at a reduced DCT scale
+                    draft_size = None
+                    if min_side and min(width, height) > min_side:
+                        scale = min_side / min(width, height)
+                        draft_size = (math.ceil(width * scale), math.ceil(height * scale))
+                    img.draft(mode, draft_size)
+                if getattr(img, "n_frames", 1) > 1:
+                    img.seek(0)
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                arr = np.asarray(_convert(img, mode))
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError("not an image (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ImageError(f"cannot decode: {reason}") from None
+    if arr.ndim < 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ImageError("decoded to an empty array")
+    return np.ascontiguousarray(arr), full_size
+
+
+def resize_short_side(img: np.ndarray, short_side: int) -> np.ndarray:
+    """Downscale (never upscale) so that the short side is at most ``short_side`` pixels."""
+    h, w = img.shape[:2]
+    scale = short_side / min(h, w)
+    if scale >= 1:
+        return img
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+
+
+def resize_long_side(img: np.ndarray, long_side: int) -> np.ndarray:
+    """Downscale (never upscale) so that the long side is at most ``long_side`` pixels."""
+    h, w = img.shape[:2]
+    scale = long_side / max(h, w)
+    if scale >= 1:
+        return img
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(img, size, interpolation=cv2.INTER_AREA)

@@ -1,0 +1,79 @@
+"""Atomic file writes: a killed run never leaves a half-written file that looks complete.
+
+Every output is written to a temporary sibling (``name.tmp-<pid>``) and moved into place with
+``os.replace``, which is atomic on POSIX file systems. Readers therefore see either the old
+file, nothing, or the complete new file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import joblib
+
+TMP_MARK = ".tmp-"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; move it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:  # data reaches the disk before the rename makes it visible
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def dump_joblib(obj: Any, path: str | os.PathLike) -> Path:
+    """Pickle ``obj`` with joblib, uncompressed so that arrays can be memory-mapped back."""
+    with atomic_path(path) as tmp:
+        joblib.dump(obj, tmp, compress=0)
+    return Path(path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence]) -> Path:
+    """Write a CSV with a header row, atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+    return Path(path)
+
+
+def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def clean_stale_tmp(folder: str | os.PathLike) -> int:
+    """Remove temporary files a killed run left behind in ``folder``; return how many."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    stale = [p for p in folder.iterdir() if TMP_MARK in p.name]
+    for p in stale:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    return len(stale)

@@ -1,0 +1,97 @@
+"""Per-run logging and the report of skipped inputs.
+
+``start_run`` sends log records to the console (through tqdm, so progress bars stay intact)
+and to ``<work>/runs/<time>-<stage>/run.log``. ``RunLog.skip`` records an input that was left
+out, with a one-line reason; ``RunLog.close`` writes those to ``skipped.csv`` in the same
+folder and logs a summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from common.io import write_csv
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class TqdmHandler(logging.StreamHandler):
+    """Write log lines above any active tqdm progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+def setup_console(level: int = logging.INFO) -> None:
+    """Console logging for command-line entry points (idempotent)."""
+    root = logging.getLogger()
+    if not any(isinstance(h, TqdmHandler) for h in root.handlers):
+        handler = TqdmHandler()
+        handler.setFormatter(logging.Formatter(FORMAT, "%H:%M:%S"))
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+@dataclass
+class Skip:
+    item: str
+    path: str
+    reason: str
+
+
+@dataclass
+class RunLog:
+    """One stage run: its folder, log file and skipped inputs."""
+
+    stage: str
+    folder: Path
+    logger: logging.Logger
+    skipped: list[Skip] = field(default_factory=list)
+    _handler: logging.Handler | None = None
+
+    def skip(self, item: str, path: str | os.PathLike, reason: str) -> None:
+        self.skipped.append(Skip(item, str(path), reason))
+        self.logger.warning("skipped %s (%s): %s", item, path, reason)
+
+    def close(self) -> Path:
+        report = write_csv(
+            self.folder / "skipped.csv",
+            ["item", "path", "reason"],
+            [(s.item, s.path, s.reason) for s in self.skipped],
+        )
+        self.logger.info("%s done: %d input(s) skipped, report %s", self.stage,
+                         len(self.skipped), report)
+        if self._handler is not None:
+            logging.getLogger().removeHandler(self._handler)
+            self._handler.close()
+        return report
+
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def start_run(work_dir: str | os.PathLike, stage: str) -> RunLog:
+    """Open the log folder of one run of ``stage`` under ``<work_dir>/runs``."""
+    setup_console()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder = Path(work_dir) / "runs" / f"{stamp}-{stage}-{os.getpid()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(folder / "run.log")
+    handler.setFormatter(logging.Formatter(FORMAT))
+    logging.getLogger().addHandler(handler)
+    logger = logging.getLogger(stage)
+    logger.info("run folder %s", folder)
+    return RunLog(stage=stage, folder=folder, logger=logger, _handler=handler)

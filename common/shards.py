@@ -1,0 +1,150 @@
+"""Sharded, resumable per-image outputs: joblib pickles of a fixed number of images each.
+
+A store is a folder holding ``manifest.json`` (which image ids go to which shard, and the
+source folder they came from) and ``shard_NNNNN.pkl`` files. The manifest is append-only:
+ids keep their shard and row for ever, new ids go to new shards, so a restarted or extended
+run only computes the shards that are missing. Shards are written atomically and
+uncompressed, so loading one with ``mmap_mode="r"`` reads only the rows that are used.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+
+from common import UserError
+from common.images import ImageSet
+from common.io import clean_stale_tmp, write_json
+
+MANIFEST = "manifest.json"
+
+
+class StoreMismatchError(UserError):
+    """A store folder already holds another image folder's outputs."""
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """What a worker needs to compute one shard."""
+
+    index: int
+    ids: tuple[str, ...]
+    paths: tuple[str, ...]
+    out: Path
+
+
+class ShardStore:
+    """One image set's outputs, split into shards of ``shard_size`` images."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        manifest_path = self.root / MANIFEST
+        if not manifest_path.exists():
+            raise FileNotFoundError(f"no store at {self.root} (missing {MANIFEST})")
+        self.manifest = json.loads(manifest_path.read_text())
+        self.shard_size: int = self.manifest["shard_size"]
+        self.shards: list[list[str]] = self.manifest["shards"]
+        self._where = {i: (k, r) for k, ids in enumerate(self.shards) for r, i in enumerate(ids)}
+
+    @classmethod
+    def plan(cls, root: str | Path, images: ImageSet, shard_size: int) -> ShardStore:
+        """Create the store for ``images`` or extend it with ids it does not hold yet."""
+        root = Path(root)
+        source = str(images.root.resolve())
+        manifest_path = root / MANIFEST
+        if manifest_path.exists():
+            manifest = json.loads(manifest_path.read_text())
+            if manifest["source"] != source:
+                raise StoreMismatchError(
+                    f"{root} holds images of {manifest['source']}, not {source}: "
+                    "give this image set another name or another work folder"
+                )
+        else:
+            manifest = {"set": images.name, "source": source, "shard_size": shard_size,
+                        "shards": [], "paths": {}}
+        known = {i for ids in manifest["shards"] for i in ids}
+        new = [(i, p) for i, p in zip(images.ids, images.paths, strict=True) if i not in known]
+        size = manifest["shard_size"]
+        for start in range(0, len(new), size):
+            chunk = new[start:start + size]
+            manifest["shards"].append([i for i, _ in chunk])
+            manifest["paths"].update({i: str(Path(p).relative_to(images.root)) for i, p in chunk})
+        if new or not manifest_path.exists():
+            write_json(manifest_path, manifest)
+        clean_stale_tmp(root)
+        return cls(root)
+
+    @property
+    def ids(self) -> list[str]:
+        return [i for ids in self.shards for i in ids]
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self._where
+
+    def shard_path(self, k: int) -> Path:
+        return self.root / f"shard_{k:05d}.pkl"
+
+    def source_path(self, image_id: str) -> Path:
+        return Path(self.manifest["source"]) / self.manifest["paths"][image_id]
+
+    def missing(self) -> list[int]:
+        """Indices of shards not written yet."""
+        return [k for k in range(len(self.shards)) if not self.shard_path(k).exists()]
+
+    def tasks(self, shards: Sequence[int] | None = None) -> list[ShardTask]:
+        shards = self.missing() if shards is None else shards
+        return [
+            ShardTask(k, tuple(self.shards[k]),
+                      tuple(str(self.source_path(i)) for i in self.shards[k]), self.shard_path(k))
+            for k in shards
+        ]
+
+    def load(self, k: int) -> dict[str, Any]:
+        """Shard ``k`` with its arrays memory-mapped (cached per process)."""
+        return _load_shard(str(self.shard_path(k)))
+
+    def locate(self, image_id: str) -> tuple[int, int]:
+        """(shard, row) of an image id."""
+        try:
+            return self._where[image_id]
+        except KeyError:
+            raise KeyError(f"image {image_id!r} is not in the store {self.root}") from None
+
+    def number(self, image_id: str) -> int:
+        """A stable integer for an image: shard * shard_size + row."""
+        k, row = self.locate(image_id)
+        return k * self.shard_size + row
+
+    def id_of(self, number: int) -> str:
+        k, row = divmod(int(number), self.shard_size)
+        return self.shards[k][row]
+
+
+@functools.lru_cache(maxsize=128)
+def _load_shard(path: str) -> dict[str, Any]:
+    return joblib.load(path, mmap_mode="r")
+
+
+def pack(arrays: Sequence[np.ndarray], dtype: Any, width: int | None = None) -> dict[str, Any]:
+    """Concatenate per-image arrays into ``data`` with ``offsets`` (n + 1 row boundaries)."""
+    shape = (0, width) if width else (0,)
+    data = np.concatenate([np.asarray(a, dtype) for a in arrays]) if arrays else np.zeros(shape)
+    lengths = [len(a) for a in arrays]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return {"data": np.ascontiguousarray(data, dtype=dtype), "offsets": offsets}
+
+
+def unpack(packed: dict[str, Any], row: int) -> np.ndarray:
+    """Rows of one image from a ``pack`` result."""
+    start, stop = packed["offsets"][row], packed["offsets"][row + 1]
+    return packed["data"][start:stop]

@@ -1,0 +1,196 @@
+"""Build a DISC21-style copy-detection benchmark from a folder of photos.
+
+The bundled demo set in ``data/`` was built, from the project root, with exactly::
+
+    python -m data.make_benchmark --photos ../shared/cc0_photos --out data \\
+        --refs 40 --positives 24 --distractors 12 --seed 0
+
+Layout of ``--out``:
+
+- ``referenceimages/R%06d.jpg``: reference photos (JPEG quality 95, long side <= ``--max-side``);
+- ``queryimages/Q%05d.jpg``: positives (edited copies of references) and distractors (edited
+  copies of photos that are not references), interleaved in a shuffled order;
+- ``gt.csv``: ``query_id,reference_id`` sorted by query id, empty reference for a distractor;
+- ``edits.csv``: ``query_id,edits`` with the ``common.edits`` chain label of every query;
+- ``transforms.json``: query id -> 3x3 homography from the reference's pixel coordinates to the
+  query's (positives only; pixel centres at integer coordinates, as in OpenCV).
+
+Roles are drawn with the seed: references first, then distractor sources, and the photos left
+over serve as ``onto_bg`` backgrounds and photo patches, so neither is ever a reference. Each
+file is written atomically and ``gt.csv`` last, so a folder with ``gt.csv`` is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from common.edits import random_chain
+from common.images import ImageError, list_images, read_image, resize_long_side
+from common.io import atomic_path, clean_stale_tmp, write_csv, write_json
+
+log = logging.getLogger(__name__)
+
+REF_DIR, QUERY_DIR = "referenceimages", "queryimages"
+OUTPUTS = (REF_DIR, QUERY_DIR, "gt.csv", "edits.csv", "transforms.json")
+
+
+@dataclass(frozen=True)
+class Roles:
+    """Which source photo plays which part; the three groups never share a photo."""
+
+    references: tuple[Path, ...]
+    distractor_sources: tuple[Path, ...]
+    backgrounds: tuple[Path, ...]
+
+
+def readable_photos(folder: str | Path) -> list[Path]:
+    """The decodable images under ``folder``; each unreadable one is logged and skipped."""
+    good = []
+    for path in list_images(folder).paths:
+        try:
+            read_image(path, "L", min_side=64)
+        except ImageError as err:
+            log.warning("skipped unreadable photo %s: %s", path, err)
+            continue
+        good.append(path)
+    return good
+
+
+def assign_roles(photos: Sequence[Path], n_refs: int, n_distractors: int, seed: int) -> Roles:
+    """Draw references, distractor sources and backgrounds (disjoint) from ``photos``."""
+    if n_refs + n_distractors > len(photos):
+        raise ValueError(
+            f"need {n_refs} references + {n_distractors} distractor sources, "
+            f"but only {len(photos)} readable photos"
+        )
+    order = [photos[i] for i in np.random.default_rng(seed).permutation(len(photos))]
+    cut = n_refs + n_distractors
+    return Roles(tuple(order[:n_refs]), tuple(order[n_refs:cut]), tuple(order[cut:]))
+
+
+def load_photo(path: Path, max_side: int) -> Image.Image:
+    """Decode ``path`` as RGB with its long side capped at ``max_side``."""
+    arr, _ = read_image(path, "RGB")
+    return Image.fromarray(resize_long_side(arr, max_side))
+
+
+def save_jpeg(img: Image.Image, path: Path, quality: int) -> None:
+    """Write ``img`` as a JPEG, atomically."""
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="JPEG", quality=quality)
+
+
+def _clear_outputs(out: Path, force: bool) -> None:
+    """Refuse to overwrite an existing benchmark in ``out`` unless ``force``; then remove it."""
+    found = [n for n in OUTPUTS if (out / n).is_file() or any((out / n).glob("*"))]
+    if found and not force:
+        raise FileExistsError(
+            f"{out} already holds benchmark files ({', '.join(found)}); use --force to overwrite"
+        )
+    for name in found:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
+    if found:
+        log.info("removed the previous benchmark in %s (--force)", out)
+
+
+def make_benchmark(
+    photos: str | Path,
+    out: str | Path,
+    n_refs: int,
+    n_positives: int,
+    n_distractors: int,
+    seed: int,
+    max_side: int = 800,
+    max_query_side: int = 1024,
+    ref_quality: int = 95,
+    query_quality: int = 90,
+    n_edits: tuple[int, int] = (1, 3),
+    kinds: Iterable[str] | None = None,
+    force: bool = False,
+) -> Path:
+    """Build the benchmark described in the module docstring in ``out``; return ``out``."""
+    out = Path(out)
+    if n_positives and not n_refs:
+        raise ValueError("positives need at least one reference")
+    _clear_outputs(out, force)
+    roles = assign_roles(readable_photos(photos), n_refs, n_distractors, seed)
+    log.info("%d references, %d distractor sources, %d background photos",
+             len(roles.references), len(roles.distractor_sources), len(roles.backgrounds))
+    rng = np.random.default_rng(seed)
+    positives = rng.choice(n_refs, n_positives, replace=n_positives > n_refs) if n_refs else ()
+    jobs = [(int(i), roles.references[i]) for i in positives]
+    jobs += [(None, p) for p in roles.distractor_sources]
+    jobs = [jobs[i] for i in rng.permutation(len(jobs))]
+    kinds = None if kinds is None else tuple(kinds)
+    for folder in (out / REF_DIR, out / QUERY_DIR):
+        folder.mkdir(parents=True, exist_ok=True)
+        clean_stale_tmp(folder)
+
+    with tqdm(total=n_refs + len(jobs), desc="benchmark", unit="img") as bar:
+        for i, path in enumerate(roles.references):
+            save_jpeg(load_photo(path, max_side), out / REF_DIR / f"R{i:06d}.jpg", ref_quality)
+            bar.update()
+        gt, edits, transforms = [], [], {}
+        for q, (ref, path) in enumerate(jobs):
+            qid = f"Q{q:05d}"
+            edited = random_chain(load_photo(path, max_side), np.random.default_rng([seed, q]),
+                                  roles.backgrounds, n_edits, kinds, max_query_side)
+            save_jpeg(edited.image, out / QUERY_DIR / f"{qid}.jpg", query_quality)
+            gt.append((qid, "" if ref is None else f"R{ref:06d}"))
+            edits.append((qid, edited.label))
+            if ref is not None:
+                transforms[qid] = [[round(float(v), 9) for v in row] for row in edited.transform]
+            bar.update()
+
+    write_csv(out / "edits.csv", ("query_id", "edits"), edits)
+    write_json(out / "transforms.json", transforms)
+    write_csv(out / "gt.csv", ("query_id", "reference_id"), gt)
+    log.info("wrote %d references and %d queries (%d positives, %d distractors) to %s",
+             n_refs, len(jobs), n_positives, n_distractors, out)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--photos", type=Path, required=True, help="folder of source photos")
+    parser.add_argument("--out", type=Path, required=True, help="benchmark folder to write")
+    parser.add_argument("--refs", type=int, required=True, help="number of reference images")
+    parser.add_argument("--positives", type=int, required=True, help="edited reference copies")
+    parser.add_argument("--distractors", type=int, required=True,
+                        help="edited copies of non-reference photos")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-side", type=int, default=800, help="cap on reference long side")
+    parser.add_argument("--max-query-side", type=int, default=1024)
+    parser.add_argument("--ref-quality", type=int, default=95)
+    parser.add_argument("--query-quality", type=int, default=90)
+    parser.add_argument("--force", action="store_true", help="overwrite an existing benchmark")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        make_benchmark(args.photos, args.out, args.refs, args.positives, args.distractors,
+                       args.seed, max_side=args.max_side, max_query_side=args.max_query_side,
+                       ref_quality=args.ref_quality, query_quality=args.query_quality,
+                       force=args.force)
+    except (FileExistsError, FileNotFoundError, ValueError) as err:
+        log.error("%s", err)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

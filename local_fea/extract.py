@@ -1,0 +1,157 @@
+"""Stage: RootSIFT features of an image folder, in resumable joblib shards.
+
+    python -m local_fea.extract --images data/referenceimages --work work
+    python -m local_fea.extract --images data/queryimages --work work --mirror
+
+Writes ``<work>/local_fea/<conf name>/<set>/shard_*.pkl`` plus ``manifest.json``; a restarted
+run computes only the shards that are missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common import UserError, cli
+from common.config import output_name
+from common.images import ImageError, ImageSet, list_images
+from common.io import dump_joblib, write_csv
+from common.logs import RunLog, start_run
+from common.parallel import limit_threads, parallel_map
+from common.shards import MANIFEST, ShardStore, ShardTask, pack
+from local_fea.features import VIEWS, ImageFeatures, extract_image
+
+STAGE = "local_fea"
+
+
+def features_root(conf: dict[str, Any], work_dir: str | Path) -> Path:
+    """Folder of all image sets' features made with this configuration."""
+    return Path(work_dir) / STAGE / output_name(conf[STAGE])
+
+
+def store_for(conf: dict[str, Any], path: str | Path, work_dir: str | Path) -> Path:
+    """The feature store of ``path``: the store folder itself, or the one extracted from the
+    image folder ``path`` (named after it) with this configuration."""
+    path = Path(path)
+    if (path / MANIFEST).exists():
+        return path
+    store = features_root(conf, work_dir) / path.resolve().name
+    if not (store / MANIFEST).exists():
+        raise UserError(f"no local features of {path} at {store}: run "
+                        f"`python -m local_fea.extract --images {path}` first")
+    return store
+
+
+def _empty(thumb_side: int = 1) -> ImageFeatures:
+    empty = (np.zeros((0, 4), np.float32), np.zeros((0, 128), np.uint8))
+    return ImageFeatures((0, 0), {v: empty for v in VIEWS}, np.zeros((0, 0), np.uint8))
+
+
+def extract_shard(task: ShardTask, conf: dict[str, Any], mirror: bool) -> dict[str, Any]:
+    """Compute and write one shard; return its summary (ids, keypoint counts, skips)."""
+    limit_threads()
+    views = VIEWS if mirror else VIEWS[:1]
+    feats, status = [], []
+    for path in task.paths:
+        try:
+            feats.append(extract_image(path, conf, mirror))
+            status.append("")
+        except ImageError as err:
+            feats.append(_empty())
+            status.append(str(err))
+    payload = {
+        "ids": list(task.ids),
+        "status": status,
+        "size": np.array([f.size for f in feats], np.int32).reshape(-1, 2),
+        "views": {
+            v: {"kpts": pack([f.views[v][0] for f in feats], np.float32, 4),
+                "desc": pack([f.views[v][1] for f in feats], np.uint8, 128)}
+            for v in views
+        },
+        "thumbs": pack([f.thumb.ravel() for f in feats], np.uint8),
+        "thumb_shape": np.array([f.thumb.shape for f in feats], np.int32).reshape(-1, 2),
+    }
+    dump_joblib(payload, task.out)
+    return {"index": task.index, "ids": task.ids, "paths": task.paths, "status": status,
+            "n_kpts": [len(f.views["orig"][0]) for f in feats]}
+
+
+def report_shard(summary: dict[str, Any], run: RunLog) -> None:
+    """Log the skipped and keypoint-less images of a finished shard."""
+    for image_id, path, status, n in zip(summary["ids"], summary["paths"], summary["status"],
+                                         summary["n_kpts"], strict=True):
+        if status:
+            run.skip(image_id, path, status)
+        elif n == 0:
+            run.skip(image_id, path, "no keypoints (image too flat or too small)")
+
+
+def main(
+    conf: dict[str, Any],
+    images: str | Path | ImageSet,
+    work_dir: str | Path,
+    mirror: bool = False,
+    set_name: str | None = None,
+) -> Path:
+    """Extract features of every image of ``images``; return the store folder."""
+    image_set = images if isinstance(images, ImageSet) else list_images(images, set_name)
+    root = features_root(conf, work_dir) / image_set.name
+    run = start_run(work_dir, f"{STAGE}.extract-{image_set.name}")
+    with run:
+        store = ShardStore.plan(root, image_set, conf["run"]["shard_size"])
+        tasks = store.tasks()
+        run.logger.info("%s: %d images in %d shards, %d to compute -> %s", image_set.name,
+                        len(store), len(store.shards), len(tasks), root)
+        done = parallel_map(
+            functools.partial(extract_shard, conf=conf[STAGE], mirror=mirror), tasks,
+            n_jobs=conf["run"]["n_jobs"], desc=f"SIFT {image_set.name}", unit="img",
+            total=sum(len(t.ids) for t in tasks), weight=lambda s: len(s["ids"]),
+        )
+        n_kpts = []
+        for summary in done:
+            report_shard(summary, run)
+            n_kpts += summary["n_kpts"]
+        if n_kpts:
+            run.logger.info("%d images described, %.0f keypoints per image on average",
+                            len(n_kpts), float(np.mean(n_kpts)))
+        n_skipped = write_store_skips(store)
+        run.logger.info("%s: %d of %d images skipped in all (%s)", image_set.name, n_skipped,
+                        len(store), root / "skipped.csv")
+    return root
+
+
+def write_store_skips(store: ShardStore) -> int:
+    """Write ``skipped.csv`` of the whole store (all runs); return how many images it lists."""
+    rows = []
+    for k in range(len(store.shards)):
+        shard = store.load(k)
+        rows += [(i, store.source_path(i), s) for i, s in zip(shard["ids"], shard["status"],
+                                                               strict=True) if s]
+    write_csv(store.root / "skipped.csv", ["id", "path", "reason"], rows)
+    return len(rows)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", required=True, type=Path, help="folder of images")
+    parser.add_argument("--set-name", help="name of the image set (default: folder name)")
+    parser.add_argument("--mirror", action="store_true",
+                        help="also describe the mirror image (for queries: flipped copies)")
+    cli.add_common_args(parser)
+    return parser.parse_args(argv)
+
+
+def run_cli(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    cli.run_main(main, cli.config_from_args(args), args.images, args.work, args.mirror,
+                 args.set_name)
+
+
+if __name__ == "__main__":  # go through the package module so that workers can unpickle tasks
+    from local_fea import extract
+
+    extract.run_cli()

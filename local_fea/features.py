@@ -1,0 +1,97 @@
+"""RootSIFT local features of one image, and read access to a store of them.
+
+A shard payload holds, for its images in manifest order: ``ids``, ``status`` (``""`` or the
+reason the image was skipped), ``size`` (full oriented width, height), one packed
+``kpts``/``desc`` pair per view (``orig``; queries also ``mirror``), and a small grey
+thumbnail per image for photometric verification. Keypoints are ``(x, y, size, angle)`` in
+full-resolution coordinates of the view (the mirror view's x runs from the right edge).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from common.images import read_image, resize_long_side, resize_short_side
+from common.shards import ShardStore, unpack
+
+VIEWS = ("orig", "mirror")
+ROOTSIFT_SCALE = 512.0  # RootSIFT components are <= ~0.36: x512 keeps them inside uint8
+
+
+@dataclass
+class ImageFeatures:
+    """Everything extracted from one image."""
+
+    size: tuple[int, int]
+    views: dict[str, tuple[np.ndarray, np.ndarray]]  # view -> (kpts float32 (n, 4), desc uint8)
+    thumb: np.ndarray  # uint8 grey, long side <= thumb_side
+
+
+def rootsift(gray: np.ndarray, conf: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """SIFT keypoints ``(x, y, size, angle)`` and uint8 RootSIFT descriptors of a grey image."""
+    sift = cv2.SIFT_create(
+        nfeatures=conf["max_keypoints"],
+        contrastThreshold=conf["contrast_threshold"],
+        edgeThreshold=conf["edge_threshold"],
+    )
+    keypoints, desc = sift.detectAndCompute(gray, None)
+    if desc is None or not keypoints:
+        return np.zeros((0, 4), np.float32), np.zeros((0, 128), np.uint8)
+    kpts = np.array([(k.pt[0], k.pt[1], k.size, k.angle) for k in keypoints], np.float32)
+    desc = np.sqrt(desc / (desc.sum(axis=1, keepdims=True) + 1e-7))
+    desc = np.clip(np.rint(desc * ROOTSIFT_SCALE), 0, 255).astype(np.uint8)
+    return kpts, desc
+
+
+def extract_image(path: str | Path, conf: dict[str, Any], mirror: bool) -> ImageFeatures:
+    """Decode, downscale to ``short_side`` and describe one image (and its mirror image)."""
+    gray, (width, height) = read_image(path, "L", conf["short_side"], conf["max_pixels"])
+    small = resize_short_side(gray, conf["short_side"])
+    scale = np.array([width / small.shape[1], height / small.shape[0]], np.float32)
+    views = {}
+    for view in VIEWS if mirror else VIEWS[:1]:
+        kpts, desc = rootsift(small if view == "orig" else cv2.flip(small, 1), conf)
+        kpts[:, :2] = (kpts[:, :2] + 0.5) * scale - 0.5  # pixel centres, full resolution
+        kpts[:, 2] *= scale.mean()
+        views[view] = (kpts, desc)
+    return ImageFeatures((width, height), views, resize_long_side(small, conf["thumb_side"]))
+
+
+class LocalFeatures:
+    """Read one image's features from a store without loading the rest of its shard."""
+
+    def __init__(self, root: str | Path):
+        self.store = ShardStore(root)
+
+    def _shard(self, image_id: str) -> tuple[dict[str, Any], int]:
+        k, row = self.store.locate(image_id)
+        return self.store.load(k), row
+
+    def status(self, image_id: str) -> str:
+        shard, row = self._shard(image_id)
+        return shard["status"][row]
+
+    def size(self, image_id: str) -> tuple[int, int]:
+        shard, row = self._shard(image_id)
+        return tuple(int(v) for v in shard["size"][row])
+
+    def get(self, image_id: str, view: str = "orig") -> tuple[np.ndarray, np.ndarray]:
+        """(kpts, desc) of one view of one image."""
+        shard, row = self._shard(image_id)
+        packed = shard["views"][view]
+        return unpack(packed["kpts"], row), unpack(packed["desc"], row)
+
+    def thumb(self, image_id: str) -> np.ndarray:
+        shard, row = self._shard(image_id)
+        h, w = shard["thumb_shape"][row]
+        return unpack(shard["thumbs"], row).reshape(h, w)
+
+    def views(self) -> list[str]:
+        if not self.store.shards:
+            return list(VIEWS[:1])
+        return list(self.store.load(0)["views"])

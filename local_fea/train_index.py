@@ -1,0 +1,77 @@
+"""Train the CPU search index (IVF quantiser, codecs) on RootSIFT of training photos.
+
+    python -m local_fea.train_index --images ../shared/trainset/photos --work work
+
+ISC rules forbid fitting anything on the reference set, so the index is trained on a separate
+photo collection and the trained, empty index is shipped in ``local_fea/assets``; the search
+stage only adds the reference descriptors to a copy of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from common import cli
+from common.config import output_name
+from common.logs import start_run
+from common.parallel import resolve_n_jobs
+from common.shards import ShardStore
+from local_fea import extract
+from local_fea.index import trained_index_path, write_index
+
+
+def sample_descriptors(store: ShardStore, n_max: int, seed: int = 0) -> np.ndarray:
+    """Up to ``n_max`` descriptors of the store, drawn uniformly, as float32."""
+    desc = np.concatenate([np.asarray(store.load(k)["views"]["orig"]["desc"]["data"])
+                           for k in range(len(store.shards))])
+    if len(desc) > n_max:
+        desc = desc[np.sort(np.random.default_rng(seed).choice(len(desc), n_max, False))]
+    return desc.astype(np.float32)
+
+
+def main(conf: dict[str, Any], images: str | Path, work_dir: str | Path,
+         max_train: int = 1_000_000) -> Path:
+    """Extract features of the training photos, train ``local_search.index``, write it."""
+    store_root = extract.main(conf, images, work_dir, set_name="index-training")
+    sconf = conf["local_search"]
+    features_name = output_name(conf["local_fea"])
+    out = trained_index_path(sconf, features_name)
+    run = start_run(work_dir, "local_fea.train_index")
+    with run:
+        faiss.omp_set_num_threads(resolve_n_jobs(conf["run"]["n_jobs"]))
+        x = sample_descriptors(ShardStore(store_root), max_train)
+        index = faiss.index_factory(128, sconf["index"])
+        run.logger.info("training %s on %d descriptors of %s", sconf["index"], len(x), images)
+        start = time.time()
+        index.train(x)
+        write_index(index, out)
+        run.logger.info("trained in %.0f s -> %s (%.1f MB)", time.time() - start, out,
+                        out.stat().st_size / 1e6)
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", required=True, type=Path,
+                        help="training photos (never the references)")
+    parser.add_argument("--max-train", type=int, default=1_000_000,
+                        help="descriptors sampled for training")
+    cli.add_common_args(parser)
+    return parser.parse_args(argv)
+
+
+def run_cli(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    cli.run_main(main, cli.config_from_args(args), args.images, args.work, args.max_train)
+
+
+if __name__ == "__main__":  # go through the package module so that workers can unpickle tasks
+    from local_fea import train_index
+
+    train_index.run_cli()

@@ -1,0 +1,103 @@
+"""Fit the local score model on copy pairs made from training photos (never a test set).
+
+    python -m match_score.calibrate --photos ../shared/trainset/photos --work work
+
+Builds a DISC21-style benchmark from the photos (``data.make_benchmark``: references, edited
+copies, edited distractors), runs the local branch on it (extract, search, verify), and fits
+``match_score.score.ScoreModel`` on the verified pairs: a true pair's best-verified view is a
+positive, every pair of a query with a reference it was not made from is a negative. The
+model is written to ``match_score.score_model`` (shipped in the repository).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common import cli
+from common.config import REPO_ROOT
+from common.io import read_csv
+from common.logs import start_run
+from data.make_benchmark import make_benchmark
+from local_fea import extract, search
+from match_score import verify
+from match_score.score import ScoreModel
+
+BENCHMARK = {"n_refs": 600, "n_positives": 450, "n_distractors": 450, "seed": 2021}
+
+
+def training_rows(
+    rows: list[dict[str, str]], positives: set[tuple[str, str]]
+) -> tuple[list[dict[str, str]], np.ndarray]:
+    """Rows with matches and their labels: only the best-verified view of a true pair is
+    positive (the other view of a flipped copy carries no evidence)."""
+    best: dict[tuple[str, str], dict[str, str]] = {}
+    for row in rows:
+        key = (row["query_id"], row["reference_id"])
+        if key in positives and int(row["inliers_h1"]) > int(best.get(key, {}).get(
+                "inliers_h1", -1)):
+            best[key] = row
+    keep = [r for r in rows if int(r["inliers"]) > 0 and (
+        (r["query_id"], r["reference_id"]) not in positives
+        or best[(r["query_id"], r["reference_id"])] is r)]
+    labels = np.array([(r["query_id"], r["reference_id"]) in positives for r in keep], int)
+    return keep, labels
+
+
+def run_local_branch(conf: dict[str, Any], bench: Path, work_dir: Path) -> list[dict[str, str]]:
+    """Extract, search and verify the benchmark; return the verified rows."""
+    refs = extract.main(conf, bench / "referenceimages", work_dir, set_name="calib-references")
+    queries = extract.main(conf, bench / "queryimages", work_dir, mirror=True,
+                           set_name="calib-queries")
+    candidates = search.main(conf, queries, refs, work_dir)
+    out = verify.match_root(conf, candidates.parent.parent.name, work_dir) / "calibration"
+    pairs = verify.candidate_pairs(candidates)
+    return verify.verify_pairs(conf, pairs, queries, refs, out / "parts", desc="verify")
+
+
+def main(conf: dict[str, Any], photos: str | Path, work_dir: str | Path,
+         out: str | Path | None = None) -> Path:
+    """Build the training benchmark, verify its candidates and fit the score model."""
+    work_dir = Path(work_dir)
+    bench = work_dir / "calibration" / f"benchmark-{BENCHMARK['seed']}"
+    if not (bench / "gt.csv").exists():
+        make_benchmark(photos, bench, force=True, **BENCHMARK)
+    rows = run_local_branch(conf, bench, work_dir)
+    run = start_run(work_dir, "match_score.calibrate")
+    with run:
+        gt = read_csv(bench / "gt.csv")
+        positives = {(r["query_id"], r["reference_id"]) for r in gt if r["reference_id"]}
+        keep, labels = training_rows(rows, positives)
+        by_label = defaultdict(int, zip(*np.unique(labels, return_counts=True), strict=True))
+        run.logger.info("fitting on %d pairs (%d copies, %d non-copies)", len(keep),
+                        by_label[1], by_label[0])
+        model = ScoreModel.fit(keep, labels, trained_on=f"{photos} {BENCHMARK}")
+        out = Path(out) if out else REPO_ROOT / conf["match_score"]["score_model"]
+        model.save(out)
+        run.logger.info("coefficients %s -> %s",
+                        dict(zip(model.features, np.round(model.coef, 3), strict=True)), out)
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--photos", required=True, type=Path,
+                        help="training photos (never the references of a test set)")
+    parser.add_argument("--out", type=Path, help="model file (default: match_score.score_model)")
+    cli.add_common_args(parser)
+    return parser.parse_args(argv)
+
+
+def run_cli(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    cli.run_main(main, cli.config_from_args(args), args.photos, args.work, args.out)
+
+
+if __name__ == "__main__":  # go through the package module so that workers can unpickle tasks
+    from match_score import calibrate
+
+    calibrate.run_cli()

@@ -1,0 +1,162 @@
+"""Matching and verification of one (query view, reference) pair.
+
+1. KNN-2 matching with the ratio test ``ratio * d1^2 < d2^2`` (imgFp: ratio 1.8), matches
+   de-duplicated by keypoint position (SIFT repeats a location for each orientation).
+2. A RANSAC homography (OpenCV USAC MAGSAC++) and, as in the multi-plane method, a second one
+   fitted on the first one's outliers; both inlier sets are merged.
+3. Photometric agreement: the query thumbnail is warped into the reference frame by the
+   first homography and compared cell by cell (zero-mean normalised cross-correlation). A
+   true copy agrees over the whole overlap; a picture that only shares a background, a logo
+   or a frame with the reference agrees only there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+FIELDS = ("matches", "inliers", "inliers_h1", "inliers_h2", "dense_agree", "dense_cells")
+
+
+@dataclass
+class Verification:
+    matches: int = 0
+    inliers: int = 0
+    inliers_h1: int = 0
+    inliers_h2: int = 0
+    dense_agree: float = 0.0
+    dense_cells: int = 0
+    homography: np.ndarray | None = None
+
+    def row(self) -> list:
+        return [getattr(self, f) for f in FIELDS]
+
+
+def ratio_matches(desc_q: np.ndarray, desc_r: np.ndarray, ratio: float) -> tuple[np.ndarray, ...]:
+    """Indices (query, reference) and squared distances of matches passing the ratio test."""
+    if len(desc_q) == 0 or len(desc_r) < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    q = desc_q.astype(np.float32)
+    r = desc_r.astype(np.float32)
+    d2 = (q * q).sum(1)[:, None] + (r * r).sum(1)[None, :] - 2.0 * (q @ r.T)
+    two = np.argpartition(d2, 1, axis=1)[:, :2]
+    rows = np.arange(len(q))[:, None]
+    two_d = d2[rows, two]
+    first = np.argmin(two_d, axis=1)
+    best = two[np.arange(len(q)), first]
+    d1 = np.maximum(two_d[np.arange(len(q)), first], 0)
+    dn = np.maximum(two_d[np.arange(len(q)), 1 - first], 0)
+    keep = ratio * d1 < dn
+    return np.flatnonzero(keep), best[keep], d1[keep]
+
+
+def unique_positions(
+    pts_q: np.ndarray, pts_r: np.ndarray, dist: np.ndarray
+) -> np.ndarray:
+    """Indices of matches keeping the closest one per (query position, reference position)."""
+    key = np.rint(np.hstack([pts_q, pts_r])).astype(np.int64)
+    order = np.argsort(dist, kind="stable")
+    _, first = np.unique(key[order], axis=0, return_index=True)
+    return np.sort(order[first])
+
+
+def fit_homography(
+    src: np.ndarray, dst: np.ndarray, threshold: float, conf: dict[str, Any]
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """Robust homography ``src -> dst`` and its inlier mask (all False when none is found)."""
+    mask = np.zeros(len(src), bool)
+    if len(src) < 4:
+        return None, mask
+    try:
+        H, inl = cv2.findHomography(src, dst, cv2.USAC_MAGSAC, threshold,
+                                    maxIters=conf["ransac_iters"],
+                                    confidence=conf["ransac_confidence"])
+    except cv2.error:
+        return None, mask
+    if H is None or inl is None or not np.isfinite(H).all():
+        return None, mask
+    return H, inl.ravel().astype(bool)
+
+
+def _thumb_frame(size: tuple[int, int], thumb: np.ndarray) -> np.ndarray:
+    """Map full-resolution pixel coordinates to thumbnail pixel coordinates."""
+    sx, sy = thumb.shape[1] / size[0], thumb.shape[0] / size[1]
+    return np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1]])
+
+
+def photometric_agreement(
+    H: np.ndarray, thumb_q: np.ndarray, size_q: tuple[int, int],
+    thumb_r: np.ndarray, size_r: tuple[int, int], conf: dict[str, Any],
+) -> tuple[float, int]:
+    """(fraction of agreeing cells, number of informative cells) of the overlap under ``H``."""
+    cell = conf["dense_cell"]
+    h, w = thumb_r.shape
+    if h < cell or w < cell or thumb_q.size == 0:
+        return 0.0, 0
+    Ht = _thumb_frame(size_r, thumb_r) @ H @ np.linalg.inv(_thumb_frame(size_q, thumb_q))
+    if not np.isfinite(Ht).all() or abs(np.linalg.det(Ht)) < 1e-9:
+        return 0.0, 0
+    # compare at the coarser of the two resolutions: blur whichever side is sharper
+    magnification = np.sqrt(abs(np.linalg.det(Ht[:2, :2]))) / max(abs(Ht[2, 2]), 1e-9)
+    magnification = float(np.clip(magnification, 0.1, 10.0))
+    sigma = conf["dense_blur"] * max(magnification, 1.0)  # in reference thumbnail pixels
+    query = cv2.GaussianBlur(thumb_q.astype(np.float32), (0, 0), sigma / magnification)
+    a = cv2.warpPerspective(query, Ht, (w, h), flags=cv2.INTER_LINEAR)
+    valid = cv2.warpPerspective(np.ones_like(thumb_q, np.uint8), Ht, (w, h),
+                                flags=cv2.INTER_NEAREST)
+    valid = cv2.erode(valid, np.ones((3, 3), np.uint8)) > 0
+    b = cv2.GaussianBlur(thumb_r.astype(np.float32), (0, 0), sigma)
+    hc, wc = h // cell, w // cell
+
+    def cells(x: np.ndarray) -> np.ndarray:
+        return x[:hc * cell, :wc * cell].reshape(hc, cell, wc, cell).swapaxes(1, 2).reshape(
+            hc, wc, -1)
+
+    a, b, v = cells(a), cells(b), cells(valid.astype(np.float32))
+    a = a - a.mean(-1, keepdims=True)
+    b = b - b.mean(-1, keepdims=True)
+    std_a, std_b = np.sqrt((a * a).mean(-1)), np.sqrt((b * b).mean(-1))
+    informative = (v.mean(-1) >= 0.9) & (std_b >= conf["dense_min_std"])
+    ncc = (a * b).mean(-1) / (std_a * std_b + 1e-6)
+    n = int(informative.sum())
+    if n == 0:
+        return 0.0, 0
+    return float((ncc[informative] >= conf["dense_ncc"]).mean()), n
+
+
+def verify(
+    query: tuple[np.ndarray, np.ndarray], reference: tuple[np.ndarray, np.ndarray],
+    query_image: tuple[np.ndarray, tuple[int, int]],
+    reference_image: tuple[np.ndarray, tuple[int, int]],
+    conf: dict[str, Any], feature_short_side: int,
+) -> Verification:
+    """Match and verify one pair. ``query``/``reference``: (kpts, desc);
+    ``*_image``: (thumbnail, full size)."""
+    (kq, dq), (kr, dr) = query, reference
+    qi, ri, dist = ratio_matches(dq, dr, conf["ratio"])
+    if len(qi) == 0:
+        return Verification()
+    keep = unique_positions(kq[qi, :2], kr[ri, :2], dist)
+    src, dst = kq[qi[keep], :2], kr[ri[keep], :2]
+    result = Verification(matches=len(src))
+    # the RANSAC threshold is in pixels of the reference at feature resolution
+    ref_scale = max(1.0, min(reference_image[1]) / feature_short_side)
+    threshold = conf["ransac_px"] * ref_scale
+    H, inliers = fit_homography(src, dst, threshold, conf)
+    if H is None:
+        return result
+    result.homography = H
+    result.inliers_h1 = int(inliers.sum())
+    rest = ~inliers
+    if conf["second_plane"] and rest.sum() >= conf["second_plane_min"]:
+        H2, inliers2 = fit_homography(src[rest], dst[rest], threshold, conf)
+        if H2 is not None and inliers2.sum() >= conf["second_plane_min"]:
+            result.inliers_h2 = int(inliers2.sum())
+    result.inliers = result.inliers_h1 + result.inliers_h2
+    if result.inliers_h1 >= 4:
+        result.dense_agree, result.dense_cells = photometric_agreement(
+            H, *query_image, *reference_image, conf)
+    return result

@@ -1,0 +1,151 @@
+"""Stage: verify candidate pairs and give each a calibrated score.
+
+    python -m match_score.verify --queries data/queryimages --references data/referenceimages
+
+Every (query view, reference) candidate is matched and verified (``match_score.geometry``);
+pairs are processed in fixed chunks, in parallel, each chunk written atomically, so a killed
+run resumes where it stopped. ``pairs.csv`` then gets one row per verified (query, view,
+reference) with its features and its calibrated score (``match_score.score``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from pathlib import Path
+from typing import Any
+
+from common import UserError, cli
+from common.config import REPO_ROOT, output_name
+from common.io import read_csv, write_csv
+from common.logs import start_run
+from common.parallel import limit_threads, parallel_map
+from local_fea.extract import store_for
+from local_fea.features import LocalFeatures
+from local_fea.search import candidates_path
+from match_score.geometry import FIELDS, verify
+from match_score.score import ScoreModel
+
+STAGE = "match_score"
+PAIR_COLUMNS = ["query_id", "reference_id", "view", "votes", *FIELDS]
+NOT_IN_NAME = ("score_model",)
+
+
+def match_root(conf: dict[str, Any], search_name: str, work_dir: str | Path) -> Path:
+    section = {k: v for k, v in conf[STAGE].items() if k not in NOT_IN_NAME}
+    return Path(work_dir) / STAGE / output_name(section, search_name)
+
+
+@functools.lru_cache(maxsize=8)
+def _features(root: str) -> LocalFeatures:
+    return LocalFeatures(root)
+
+
+def candidate_pairs(candidates: Path | list[dict[str, str]]) -> list[tuple[str, str, str, str]]:
+    """(query_id, reference_id, view, votes) to verify, sorted, one per proposing view."""
+    rows = read_csv(candidates) if isinstance(candidates, Path) else candidates
+    pairs = {(r["query_id"], r["reference_id"], r["view"]): r.get("votes", "") for r in rows}
+    return [(q, r, v, votes) for (q, r, v), votes in sorted(pairs.items())]
+
+
+def verify_chunk(
+    chunk: tuple[int, list[tuple[str, str, str, str]]], queries: str, references: str,
+    conf: dict[str, Any], feature_short_side: int, out_dir: Path,
+) -> int:
+    """Verify one chunk of pairs and write its rows; return the chunk index."""
+    limit_threads()
+    index, pairs = chunk
+    qf, rf = _features(queries), _features(references)
+    rows = []
+    for query_id, ref_id, view, votes in pairs:
+        q_thumb = qf.thumb(query_id)
+        if view == "mirror":
+            q_thumb = q_thumb[:, ::-1]
+        result = verify(qf.get(query_id, view), rf.get(ref_id),
+                        (q_thumb, qf.size(query_id)), (rf.thumb(ref_id), rf.size(ref_id)),
+                        conf, feature_short_side)
+        row = result.row()
+        row[FIELDS.index("dense_agree")] = f"{result.dense_agree:.4f}"
+        rows.append([query_id, ref_id, view, votes, *row])
+    write_csv(out_dir / f"chunk_{index:05d}.csv", PAIR_COLUMNS, rows)
+    return index
+
+
+def verify_pairs(
+    conf: dict[str, Any], pairs: list[tuple[str, str, str, str]], queries: Path,
+    references: Path, out_dir: Path, desc: str = "verify",
+) -> list[dict[str, str]]:
+    """Verify ``pairs`` in resumable chunks under ``out_dir``; return all verified rows."""
+    size = conf[STAGE]["chunk_pairs"]
+    chunks = [(i, pairs[s:s + size]) for i, s in enumerate(range(0, len(pairs), size))]
+    parts = [out_dir / f"chunk_{i:05d}.csv" for i, _ in chunks]
+    todo = [c for c, p in zip(chunks, parts, strict=True) if not p.exists()]
+    work = functools.partial(
+        verify_chunk, queries=str(queries), references=str(references), conf=conf[STAGE],
+        feature_short_side=conf["local_fea"]["short_side"], out_dir=out_dir)
+    for _ in parallel_map(work, todo, n_jobs=conf["run"]["n_jobs"], desc=desc, unit="pair",
+                          total=sum(len(c[1]) for c in todo),
+                          weight=lambda i: len(chunks[i][1])):
+        pass
+    return [row for p in parts for row in read_csv(p)]
+
+
+def score_rows(rows: list[dict[str, str]], model: ScoreModel) -> list[list]:
+    """Rows with their calibrated score appended, best first."""
+    scores = model.predict(rows) if rows else []
+    scored = [[r[c] for c in PAIR_COLUMNS] + [f"{s:.9g}"] for r, s in zip(rows, scores,
+                                                                          strict=True)]
+    return sorted(scored, key=lambda r: (-float(r[-1]), r[0], r[1], r[2]))
+
+
+def pairs_path(conf: dict[str, Any], candidates: Path, work_dir: str | Path) -> Path:
+    """Where the scored pairs of a candidates file go."""
+    search_name = candidates.parent.parent.name
+    return match_root(conf, search_name, work_dir) / candidates.parent.name / "pairs.csv"
+
+
+def main(
+    conf: dict[str, Any], queries: str | Path, references: str | Path, work_dir: str | Path,
+    candidates: str | Path | None = None,
+) -> Path:
+    """Verify the candidate pairs of the queries in the references (feature stores or their
+    image folders); return the path of ``pairs.csv``."""
+    queries, references = store_for(conf, queries, work_dir), store_for(conf, references, work_dir)
+    candidates = Path(candidates or candidates_path(conf, queries, references, work_dir))
+    if not candidates.exists():
+        raise UserError(f"no candidates at {candidates}: run `python -m local_fea.search` first")
+    out = pairs_path(conf, candidates, work_dir)
+    run = start_run(work_dir, f"{STAGE}-{out.parent.name}")
+    with run:
+        model = ScoreModel.load(REPO_ROOT / conf[STAGE]["score_model"])
+        pairs = candidate_pairs(candidates)
+        run.logger.info("%d candidate (query view, reference) pairs -> %s", len(pairs), out)
+        rows = verify_pairs(conf, pairs, queries, references, out.parent / "parts")
+        write_csv(out, [*PAIR_COLUMNS, "score"], score_rows(rows, model))
+        run.logger.info("%d pairs verified, %d with inliers", len(rows),
+                        sum(int(r["inliers"]) > 0 for r in rows))
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--queries", required=True, type=Path,
+                        help="query images (or their feature store)")
+    parser.add_argument("--references", required=True, type=Path,
+                        help="reference images (or their feature store)")
+    parser.add_argument("--candidates", type=Path,
+                        help="candidates.csv (default: the local search's output)")
+    cli.add_common_args(parser)
+    return parser.parse_args(argv)
+
+
+def run_cli(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    cli.run_main(main, cli.config_from_args(args), args.queries, args.references, args.work,
+                 args.candidates)
+
+
+if __name__ == "__main__":  # go through the package module so that workers can unpickle tasks
+    from match_score import verify
+
+    verify.run_cli()

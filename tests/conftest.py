@@ -1,0 +1,48 @@
+"""Shared fixtures: the bundled demo photos, a small configuration, sockets blocked."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from common.config import REPO_ROOT, load_config
+
+DATA = REPO_ROOT / "data"
+SHARED = REPO_ROOT.parent / "shared"
+DEVSET = SHARED / "devset"
+NO_NETWORK = REPO_ROOT / "tests" / "no_network"
+
+
+def demo_references() -> list[Path]:
+    return sorted((DATA / "referenceimages").glob("*.jpg"))
+
+
+@pytest.fixture
+def conf() -> dict:
+    """Defaults with small shards (several shards even for a handful of images)."""
+    return load_config(overrides=["run.shard_size=4", "run.n_jobs=2"])
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    """A folder with six real photos of the demo set."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for path in demo_references()[:6]:
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+def offline_env() -> dict[str, str]:
+    """Environment for a subprocess in which every network connection fails."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(NO_NETWORK), str(REPO_ROOT)])
+    return env
+
+
+def python() -> str:
+    return sys.executable

@@ -1,0 +1,114 @@
+"""RootSIFT extraction: coordinates, mirror view, bad input, resumption after SIGKILL."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from common.shards import ShardStore
+from local_fea import extract
+from local_fea.features import ROOTSIFT_SCALE, LocalFeatures, extract_image
+from match_score.geometry import ratio_matches
+from tests.conftest import DATA, demo_references, python
+
+
+def test_rootsift_is_unit_norm_uint8(conf) -> None:
+    feats = extract_image(demo_references()[0], conf["local_fea"], mirror=False)
+    kpts, desc = feats.views["orig"]
+    assert desc.dtype == np.uint8 and desc.shape[1] == 128 and kpts.shape == (len(desc), 4)
+    assert 100 < len(desc) <= conf["local_fea"]["max_keypoints"]
+    norms = np.linalg.norm(desc / ROOTSIFT_SCALE, axis=1)
+    assert np.allclose(norms, 1.0, atol=0.02)
+    assert (desc == 255).mean() < 1e-4  # quantisation does not clip
+
+
+def test_keypoints_are_in_full_resolution_coordinates(tmp_path: Path, conf) -> None:
+    img = Image.open(demo_references()[1]).convert("RGB")
+    assert min(img.size) > 300
+    big = img.resize((img.width * 2, img.height * 2), Image.Resampling.LANCZOS)
+    img.save(tmp_path / "small.png")
+    big.save(tmp_path / "big.png")
+    small_f = extract_image(tmp_path / "small.png", conf["local_fea"], False)
+    big_f = extract_image(tmp_path / "big.png", conf["local_fea"], False)
+    assert small_f.size == img.size and big_f.size == big.size
+    (ks, ds), (kb, db) = small_f.views["orig"], big_f.views["orig"]
+    qi, ri, _ = ratio_matches(ds, db, 1.8)
+    assert len(qi) > 100
+    error = np.linalg.norm((ks[qi, :2] + 0.5) * 2 - 0.5 - kb[ri, :2], axis=1)
+    assert np.median(error) < 1.5
+
+
+def test_mirror_view_describes_the_flipped_image(tmp_path: Path, conf) -> None:
+    img = Image.open(demo_references()[2]).convert("RGB")
+    img.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(tmp_path / "flipped.png")
+    img.save(tmp_path / "orig.png")
+    both = extract_image(tmp_path / "orig.png", conf["local_fea"], mirror=True)
+    flipped = extract_image(tmp_path / "flipped.png", conf["local_fea"], mirror=False)
+    km, dm = both.views["mirror"]
+    kf, df = flipped.views["orig"]
+    qi, ri, _ = ratio_matches(dm, df, 1.8)
+    assert len(qi) > 0.5 * len(dm)
+    assert np.median(np.linalg.norm(km[qi, :2] - kf[ri, :2], axis=1)) < 1.0
+
+
+def test_bad_inputs_are_skipped_and_reported(tmp_path: Path, photos: Path, conf) -> None:
+    (photos / "zero.jpg").write_bytes(b"")
+    (photos / "text.png").write_text("not an image")
+    Image.new("L", (400, 300), 128).save(photos / "flat.png")
+    work = tmp_path / "work"
+    root = extract.main(conf, photos, work)
+    feats = LocalFeatures(root)
+    assert len(feats.store) == 9
+    assert feats.status("zero").startswith("empty file")
+    assert feats.status("text").startswith("not an image")
+    assert feats.status("flat") == "" and len(feats.get("flat")[0]) == 0
+    with open(root / "skipped.csv") as f:
+        assert {r["id"] for r in csv.DictReader(f)} == {"zero", "text"}
+    with open(next((work / "runs").glob("*extract*")) / "skipped.csv") as f:
+        reasons = {r["item"]: r["reason"] for r in csv.DictReader(f)}
+    assert set(reasons) == {"zero", "text", "flat"} and "no keypoints" in reasons["flat"]
+    good = next(i for i in feats.store.ids if i not in reasons)
+    assert len(feats.get(good)[1]) > 100 and feats.thumb(good).ndim == 2
+
+
+def _extract_cmd(images: Path, work: Path) -> list[str]:
+    return [python(), "-m", "local_fea.extract", "--images", str(images), "--work", str(work),
+            "-o", "run.shard_size=2", "--n-jobs", "1"]
+
+
+@pytest.mark.slow
+def test_sigkill_midway_then_restart_gives_identical_shards(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    shutil.copytree(DATA / "referenceimages", images)
+    shutil.copytree(DATA / "queryimages", images, dirs_exist_ok=True)
+    n_shards = len(list(images.iterdir())) // 2
+    subprocess.run(_extract_cmd(images, tmp_path / "clean"), check=True, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_extract_cmd(images, killed), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(killed.rglob("shard_*.pkl"))) < 3:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(killed.rglob("shard_*.pkl")))
+    assert 0 < done_before < n_shards, "the kill must land midway"
+    subprocess.run(_extract_cmd(images, killed), check=True, capture_output=True)
+
+    clean_root = next((tmp_path / "clean").rglob("manifest.json")).parent
+    killed_root = next(killed.rglob("manifest.json")).parent
+    assert ShardStore(killed_root).missing() == []
+    clean_files = sorted(p.name for p in clean_root.iterdir())
+    assert clean_files == sorted(p.name for p in killed_root.iterdir())  # no stray tmp files
+    for name in clean_files:
+        if name.startswith("shard_"):
+            assert (clean_root / name).read_bytes() == (killed_root / name).read_bytes(), name
