@@ -140,7 +140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", required=True, type=Path, help="folder of images")
     parser.add_argument("--set-name", help="name of the image set (default: folder name)")
     parser.add_argument("--mirror", action="store_true",
-                        help="also describe the mirror image (for queries: flipped copies)")
+                        help="describe as queries: also the mirror image (flipped copies), "
+                        "with local_fea.query_max_keypoints")
     cli.add_common_args(parser)
     return parser.parse_args(argv)
 

@@ -32,10 +32,12 @@ class ImageFeatures:
     thumb: np.ndarray  # uint8 grey, long side <= thumb_side
 
 
-def rootsift(gray: np.ndarray, conf: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+def rootsift(
+    gray: np.ndarray, conf: dict[str, Any], max_keypoints: int
+) -> tuple[np.ndarray, np.ndarray]:
     """SIFT keypoints ``(x, y, size, angle)`` and uint8 RootSIFT descriptors of a grey image."""
     sift = cv2.SIFT_create(
-        nfeatures=conf["max_keypoints"],
+        nfeatures=max_keypoints,
         contrastThreshold=conf["contrast_threshold"],
         edgeThreshold=conf["edge_threshold"],
     )
@@ -43,19 +45,24 @@ def rootsift(gray: np.ndarray, conf: dict[str, Any]) -> tuple[np.ndarray, np.nda
     if desc is None or not keypoints:
         return np.zeros((0, 4), np.float32), np.zeros((0, 128), np.uint8)
     kpts = np.array([(k.pt[0], k.pt[1], k.size, k.angle) for k in keypoints], np.float32)
-    desc = np.sqrt(desc / (desc.sum(axis=1, keepdims=True) + 1e-7))
-    desc = np.clip(np.rint(desc * ROOTSIFT_SCALE), 0, 255).astype(np.uint8)
-    return kpts, desc
+    desc /= desc.sum(axis=1, keepdims=True) + 1e-7  # L1, then sqrt: RootSIFT (unit L2 norm)
+    np.sqrt(desc, out=desc)
+    desc *= ROOTSIFT_SCALE
+    return kpts, np.clip(np.rint(desc, out=desc), 0, 255).astype(np.uint8)
 
 
 def extract_image(path: str | Path, conf: dict[str, Any], mirror: bool) -> ImageFeatures:
-    """Decode, downscale to ``short_side`` and describe one image (and its mirror image)."""
+    """Decode, downscale to ``short_side`` and describe one image.
+
+    ``mirror`` describes it as a query: its mirror image too, with the query keypoint budget
+    (a pasted or overlaid copy may hold few of the image's strongest keypoints)."""
+    budget = conf["query_max_keypoints"] if mirror else conf["max_keypoints"]
     gray, (width, height) = read_image(path, "L", conf["short_side"], conf["max_pixels"])
     small = resize_short_side(gray, conf["short_side"])
     scale = np.array([width / small.shape[1], height / small.shape[0]], np.float32)
     views = {}
     for view in VIEWS if mirror else VIEWS[:1]:
-        kpts, desc = rootsift(small if view == "orig" else cv2.flip(small, 1), conf)
+        kpts, desc = rootsift(small if view == "orig" else cv2.flip(small, 1), conf, budget)
         kpts[:, :2] = (kpts[:, :2] + 0.5) * scale - 0.5  # pixel centres, full resolution
         kpts[:, 2] *= scale.mean()
         views[view] = (kpts, desc)

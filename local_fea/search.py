@@ -52,7 +52,8 @@ def vote(
     ``units[i]`` is the query view that descriptor ``i`` belongs to.
     """
     refs = decode_images(ids)
-    far = dist[:, -1:]
+    dist = np.where(refs >= 0, dist, -np.inf)
+    far = dist.max(axis=1, keepdims=True)  # the k-th (last found) neighbour's distance
     weight = np.where(far > 0, np.clip(1.0 - dist / np.where(far > 0, far, 1), 0, 1), 0)
     weight[refs < 0] = 0
     for j in range(1, refs.shape[1]):  # a reference counts once per query descriptor

@@ -30,6 +30,8 @@ class Verification:
     dense_agree: float = 0.0
     dense_cells: int = 0
     homography: np.ndarray | None = None
+    points: tuple[np.ndarray, np.ndarray] | None = None  # matched (query, reference) positions
+    plane: np.ndarray | None = None  # per match: 0 outlier, 1 first homography, 2 second
 
     def row(self) -> list:
         return [getattr(self, f) for f in FIELDS]
@@ -141,7 +143,7 @@ def verify(
         return Verification()
     keep = unique_positions(kq[qi, :2], kr[ri, :2], dist)
     src, dst = kq[qi[keep], :2], kr[ri[keep], :2]
-    result = Verification(matches=len(src))
+    result = Verification(matches=len(src), points=(src, dst), plane=np.zeros(len(src), np.int8))
     # the RANSAC threshold is in pixels of the reference at feature resolution
     ref_scale = max(1.0, min(reference_image[1]) / feature_short_side)
     threshold = conf["ransac_px"] * ref_scale
@@ -150,11 +152,13 @@ def verify(
         return result
     result.homography = H
     result.inliers_h1 = int(inliers.sum())
+    result.plane[inliers] = 1
     rest = ~inliers
     if conf["second_plane"] and rest.sum() >= conf["second_plane_min"]:
         H2, inliers2 = fit_homography(src[rest], dst[rest], threshold, conf)
         if H2 is not None and inliers2.sum() >= conf["second_plane_min"]:
             result.inliers_h2 = int(inliers2.sum())
+            result.plane[np.flatnonzero(rest)[inliers2]] = 2
     result.inliers = result.inliers_h1 + result.inliers_h2
     if result.inliers_h1 >= 4:
         result.dense_agree, result.dense_cells = photometric_agreement(

@@ -1,0 +1,124 @@
+"""Draw the verified matches of one (query, reference) pair, to look at a result.
+
+    python -m match_score.visualize --query Q00003 --reference R000013 \\
+        --queries data/queryimages --references data/referenceimages --out match.png
+
+Both images side by side (the query mirrored when its mirror view matched better), inliers of
+the first homography in green, of the second in cyan, rejected matches in faint red, and the
+pair's verification figures and calibrated score in the caption.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from common import UserError, cli
+from common.config import REPO_ROOT
+from common.images import read_image
+from common.io import atomic_path
+from local_fea.extract import store_for
+from local_fea.features import LocalFeatures
+from match_score.geometry import FIELDS, Verification, verify
+from match_score.score import ScoreModel
+
+HEIGHT = 420
+COLOURS = {0: (90, 90, 230), 1: (60, 200, 60), 2: (230, 200, 40)}  # BGR per plane
+
+
+def verify_views(conf: dict[str, Any], qf: LocalFeatures, rf: LocalFeatures, query_id: str,
+                 ref_id: str) -> dict[str, Verification]:
+    """Verification of the pair for every view of the query."""
+    results = {}
+    for view in qf.views():
+        thumb = qf.thumb(query_id)
+        results[view] = verify(
+            qf.get(query_id, view), rf.get(ref_id),
+            (thumb[:, ::-1] if view == "mirror" else thumb, qf.size(query_id)),
+            (rf.thumb(ref_id), rf.size(ref_id)), conf["match_score"],
+            conf["local_fea"]["short_side"])
+    return results
+
+
+def _panel(path: Path, mirror: bool) -> tuple[np.ndarray, float]:
+    rgb, _ = read_image(path, "RGB")
+    scale = HEIGHT / rgb.shape[0]
+    img = cv2.resize(rgb, (max(1, round(rgb.shape[1] * scale)), HEIGHT))
+    img = cv2.cvtColor(img[:, ::-1] if mirror else img, cv2.COLOR_RGB2BGR)
+    return np.ascontiguousarray(img), scale
+
+
+def draw(query_path: Path, ref_path: Path, result: Verification, mirror: bool,
+         caption: str) -> np.ndarray:
+    """Side-by-side picture of a verified pair."""
+    left, sq = _panel(query_path, mirror)
+    right, sr = _panel(ref_path, False)
+    canvas = np.full((HEIGHT + 60, left.shape[1] + right.shape[1] + 10, 3), 255, np.uint8)
+    canvas[:HEIGHT, :left.shape[1]] = left
+    offset = left.shape[1] + 10
+    canvas[:HEIGHT, offset:] = right
+    if result.points is not None:
+        src, dst = result.points
+        for plane in (0, 1, 2):  # outliers first, so inliers are drawn on top
+            for (x1, y1), (x2, y2) in zip(src[result.plane == plane], dst[result.plane == plane],
+                                          strict=True):
+                p1 = (round((x1 + 0.5) * sq), round((y1 + 0.5) * sq))
+                p2 = (round((x2 + 0.5) * sr) + offset, round((y2 + 0.5) * sr))
+                cv2.line(canvas, p1, p2, COLOURS[plane], 1 if plane == 0 else 2, cv2.LINE_AA)
+    for i, line in enumerate(caption.splitlines()):
+        cv2.putText(canvas, line, (8, HEIGHT + 24 + 22 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
+                    (0, 0, 0), 1, cv2.LINE_AA)
+    return canvas
+
+
+def main(conf: dict[str, Any], query_id: str, ref_id: str, queries: str | Path,
+         references: str | Path, work_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Verify one pair and write its picture; return the PNG path."""
+    qf = LocalFeatures(store_for(conf, queries, work_dir))
+    rf = LocalFeatures(store_for(conf, references, work_dir))
+    for image_id, features in ((query_id, qf), (ref_id, rf)):
+        if image_id not in features.store:
+            raise UserError(f"{image_id!r} is not in {features.store.root}")
+    results = verify_views(conf, qf, rf, query_id, ref_id)
+    view, result = max(results.items(), key=lambda kv: kv[1].inliers)
+    score = ScoreModel.load(REPO_ROOT / conf["match_score"]["score_model"]).predict(
+        [dict(zip(FIELDS, result.row(), strict=True))])[0]
+    caption = (f"{query_id} ({view} view) vs {ref_id}: score {score:.3f}\n"
+               f"{result.matches} matches, {result.inliers_h1}+{result.inliers_h2} inliers, "
+               f"photometric {result.dense_agree:.2f} of {result.dense_cells} cells")
+    picture = draw(qf.store.source_path(query_id), rf.store.source_path(ref_id), result,
+                   view == "mirror", caption)
+    out = Path(out or Path(work_dir) / "matches" / f"{query_id}-{ref_id}.png")
+    _, png = cv2.imencode(".png", picture)
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(png.tobytes())
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--query", required=True, help="query id")
+    parser.add_argument("--reference", required=True, help="reference id")
+    parser.add_argument("--queries", required=True, type=Path,
+                        help="query images (or their feature store)")
+    parser.add_argument("--references", required=True, type=Path,
+                        help="reference images (or their feature store)")
+    parser.add_argument("--out", type=Path, help="PNG (default: <work>/matches/<q>-<r>.png)")
+    cli.add_common_args(parser)
+    return parser.parse_args(argv)
+
+
+def run_cli(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    cli.run_main(main, cli.config_from_args(args), args.query, args.reference, args.queries,
+                 args.references, args.work, args.out)
+
+
+if __name__ == "__main__":
+    from match_score import visualize
+
+    visualize.run_cli()

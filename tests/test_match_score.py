@@ -1,0 +1,131 @@
+"""Match scoring stage: calibrated scores, resumption after SIGKILL, merge into a submission."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from common import UserError
+from common.config import REPO_ROOT, load_config
+from local_fea import extract, search
+from match_score.score import FEATURES, ScoreModel
+from merge import fuse
+from tests.conftest import DATA, python
+
+
+def _rows(inliers, matches, agree, cells) -> list[dict[str, float]]:
+    return [{"inliers": i, "matches": m, "dense_agree": a, "dense_cells": c}
+            for i, m, a, c in zip(inliers, matches, agree, cells, strict=True)]
+
+
+def test_score_model_fit_predict_round_trip(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    n = 400
+    labels = rng.integers(0, 2, n)
+    inliers = np.where(labels, rng.integers(8, 200, n), rng.integers(0, 15, n))
+    matches = inliers + rng.integers(0, 30, n)
+    agree = np.clip(np.where(labels, 0.85, 0.35) + rng.normal(0, 0.1, n), 0, 1)
+    rows = _rows(inliers, matches, agree, rng.integers(20, 150, n))
+    model = ScoreModel.fit(rows, labels, trained_on="synthetic")
+    p = model.predict(rows)
+    assert ((p > 0.5) == labels.astype(bool)).mean() > 0.95
+    assert len(np.unique(p[p > 0])) > 0.9 * (p > 0).sum()  # floats, no tie blocks
+    assert model.predict(_rows([0], [10], [0.9], [100]))[0] == 0.0  # no inlier, no score
+    model.save(tmp_path / "m.json")
+    np.testing.assert_allclose(ScoreModel.load(tmp_path / "m.json").predict(rows), p)
+
+
+def test_shipped_score_model_is_monotone_in_evidence() -> None:
+    model = ScoreModel.load(REPO_ROOT / load_config()["match_score"]["score_model"])
+    assert model.features == list(FEATURES)
+    weak, strong = model.predict(_rows([6, 60], [20, 70], [0.3, 0.95], [80, 80]))
+    assert 0 < weak < 0.5 < strong < 1
+
+
+def test_missing_or_stale_model_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="calibrate"):
+        ScoreModel.load(tmp_path / "none.json")
+    (tmp_path / "old.json").write_text(
+        '{"features": ["inliers"], "mean": [0], "scale": [1], "coef": [1], "intercept": 0}')
+    with pytest.raises(UserError, match="recalibrate"):
+        ScoreModel.load(tmp_path / "old.json")
+
+
+def test_merge_keeps_best_score_per_pair_and_caps(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    a.write_text("query_id,reference_id,view,score\nq1,r1,orig,0.2\nq1,r1,mirror,0.7\n"
+                 "q2,r9,orig,0.5\nq3,r3,orig,0\n")
+    b.write_text("query_id,reference_id,view,score\nq1,r1,orig,0.6\nq2,r2,orig,0.9\n")
+    conf = load_config(overrides=["merge.max_pairs=2"])
+    out = fuse.main(conf, None, None, tmp_path / "work", tmp_path / "sub.csv", [a, b])
+    assert out.read_text() == "query_id,reference_id,score\nq2,r2,0.9\nq1,r1,0.7\n"
+    conf = load_config()
+    out = fuse.main(conf, None, None, tmp_path / "work", tmp_path / "all.csv", [a, b])
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["query_id"], r["reference_id"]) for r in rows] == [
+        ("q2", "r2"), ("q1", "r1"), ("q2", "r9")]  # zero-score pairs are left out
+
+
+def _verify_cmd(work: Path) -> list[str]:
+    return [python(), "-m", "match_score.verify", "--queries", str(DATA / "queryimages"),
+            "--references", str(DATA / "referenceimages"), "--work", str(work),
+            "-o", "match_score.chunk_pairs=4", "--n-jobs", "1"]
+
+
+@pytest.mark.slow
+def test_verify_sigkill_midway_then_restart_gives_identical_pairs(tmp_path: Path) -> None:
+    conf = load_config()
+    clean = tmp_path / "clean"
+    refs = extract.main(conf, DATA / "referenceimages", clean)
+    queries = extract.main(conf, DATA / "queryimages", clean, mirror=True)
+    search.main(conf, queries, refs, clean)
+    killed = tmp_path / "killed"
+    shutil.copytree(clean, killed)  # same features and candidates, no pairs yet
+    subprocess.run(_verify_cmd(clean), check=True, capture_output=True)
+    clean_pairs = next(clean.rglob("pairs.csv"))
+    n_chunks = len(list(clean_pairs.parent.glob("parts/chunk_*.csv")))
+
+    proc = subprocess.Popen(_verify_cmd(killed), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(killed.rglob("chunk_*.csv"))) < 3:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(killed.rglob("chunk_*.csv")))
+    assert 0 < done_before < n_chunks, "the kill must land midway"
+    assert not list(killed.rglob("pairs.csv"))
+    subprocess.run(_verify_cmd(killed), check=True, capture_output=True)
+    killed_pairs = next(killed.rglob("pairs.csv"))
+    assert killed_pairs.read_bytes() == clean_pairs.read_bytes()
+    for chunk in sorted(clean_pairs.parent.glob("parts/*")):
+        assert (killed_pairs.parent / "parts" / chunk.name).read_bytes() == chunk.read_bytes()
+
+
+def test_visualize_draws_a_verified_pair(tmp_path: Path) -> None:
+    from match_score import visualize
+
+    conf = load_config()
+    extract.main(conf, DATA / "referenceimages", tmp_path)
+    extract.main(conf, DATA / "queryimages", tmp_path, mirror=True)
+    with open(DATA / "gt.csv") as f:
+        query_id, ref_id = next((r["query_id"], r["reference_id"]) for r in csv.DictReader(f)
+                                if r["reference_id"])
+    out = visualize.main(conf, query_id, ref_id, DATA / "queryimages", DATA / "referenceimages",
+                         tmp_path)
+    picture = cv2.imread(str(out))
+    assert picture.shape[0] == visualize.HEIGHT + 60
+    green = (picture[:visualize.HEIGHT] == visualize.COLOURS[1]).all(-1).sum()
+    assert green > 500  # inlier lines were drawn
+    with pytest.raises(UserError, match="not in"):
+        visualize.main(conf, "nope", ref_id, DATA / "queryimages", DATA / "referenceimages",
+                       tmp_path)

@@ -1,0 +1,76 @@
+"""End to end: the demo with all sockets blocked; a slice of the devset with a micro-AP floor."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from common.config import REPO_ROOT
+from evaluation.isc_metric import evaluate, load_ground_truth, load_predictions
+from tests.conftest import DATA, DEVSET, offline_env, python
+
+STAGES = [
+    ["local_fea.extract", "--images", "{ref}"],
+    ["local_fea.extract", "--images", "{query}", "--mirror"],
+    ["local_fea.search", "--queries", "{query}", "--references", "{ref}"],
+    ["match_score.verify", "--queries", "{query}", "--references", "{ref}"],
+    ["merge.fuse", "--queries", "{query}", "--references", "{ref}", "--out", "{out}"],
+]
+
+
+def run_pipeline(query: Path, ref: Path, work: Path, env: dict | None = None) -> Path:
+    """Run every stage's command line in turn; return the submission CSV."""
+    out = work / "submission.csv"
+    for stage in STAGES:
+        args = [a.format(query=query, ref=ref, out=out) for a in stage]
+        subprocess.run([python(), "-m", *args, "--work", str(work)], cwd=REPO_ROOT, env=env,
+                       check=True, capture_output=True, text=True)
+    return out
+
+
+@pytest.mark.slow
+def test_demo_runs_offline_and_finds_the_copies(tmp_path: Path) -> None:
+    env = offline_env()
+    blocked = subprocess.run(
+        [python(), "-c", "import socket; socket.create_connection(('pypi.org', 443), 3)"],
+        env=env, capture_output=True, text=True)
+    assert blocked.returncode != 0 and "network blocked" in blocked.stderr
+    out = run_pipeline(DATA / "queryimages", DATA / "referenceimages", tmp_path, env)
+    assert out.read_text().splitlines()[0] == "query_id,reference_id,score"
+    metrics = evaluate(load_predictions(out), load_ground_truth(DATA / "gt.csv"))
+    assert metrics.micro_ap >= 0.9 and metrics.recall_at_p90 >= 0.9
+    logs = list((tmp_path / "runs").glob("*/run.log"))
+    assert len(logs) == len(STAGES)
+
+
+def _link_slice(tmp_path: Path, n_queries: int, n_other_refs: int) -> tuple[Path, Path, Path]:
+    """Folders of symlinks: the first queries of the devset, their references and others."""
+    with open(DEVSET / "gt.csv") as f:
+        gt = list(csv.DictReader(f))[:n_queries]
+    refs = sorted(p.name for p in (DEVSET / "references").iterdir())
+    chosen = {f"{r['reference_id']}.jpg" for r in gt if r["reference_id"]}
+    chosen |= set(refs[::len(refs) // n_other_refs][:n_other_refs])
+    folders = {"queries": [f"{r['query_id']}.jpg" for r in gt], "references": sorted(chosen)}
+    for name, files in folders.items():
+        (tmp_path / name).mkdir()
+        for file in files:
+            os.symlink(DEVSET / name / file, tmp_path / name / file)
+    with open(tmp_path / "gt.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, ["query_id", "reference_id"])
+        writer.writeheader()
+        writer.writerows(gt)
+    return tmp_path / "queries", tmp_path / "references", tmp_path / "gt.csv"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DEVSET.is_dir(), reason="../shared/devset is not beside the checkout")
+def test_devset_slice_micro_ap_floor(tmp_path: Path) -> None:
+    queries, refs, gt = _link_slice(tmp_path, n_queries=120, n_other_refs=300)
+    out = run_pipeline(queries, refs, tmp_path / "work")
+    metrics = evaluate(load_predictions(out), load_ground_truth(gt))
+    assert metrics.n_positives >= 40
+    assert metrics.micro_ap >= 0.95 and metrics.recall_at_p90 >= 0.93, metrics.to_dict()

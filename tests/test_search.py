@@ -1,0 +1,114 @@
+"""Local search: voting, exact streamed search, the IVF index and the search stage."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from common.shards import ShardStore
+from local_fea import extract, search
+from local_fea.index import ROW_BITS, decode_images, encode_ids, exact_search, reference_blocks
+from tests.conftest import DATA
+
+
+def test_vote_soft_ratio_weights_and_one_vote_per_descriptor() -> None:
+    ref = lambda image, row=0: (image << ROW_BITS) | row  # noqa: E731
+    # two query descriptors of unit 0, one of unit 1; squared distances, k = 3
+    dist = np.array([[1.0, 2.0, 4.0], [1.0, 1.0, 4.0], [3.0, 3.5, 4.0]])
+    ids = np.array([[ref(7), ref(7, 1), ref(9)],   # image 7 twice: counted once
+                    [ref(9), ref(8), ref(7)],
+                    [ref(5), ref(6), -1]])
+    units = np.array([0, 0, 1])
+    out = search.vote(units, dist, ids, candidates=2)
+    # unit 0: image 7 gets 1 - 1/4 = 0.75 (its second hit is ignored) + 0 (k-th) = 0.75,
+    # image 9 gets 0 (k-th neighbour) + 0.75 = 0.75, image 8 gets 0.75: ties by image number
+    assert out[:2] == [(0, 7, 0.75, 0), (0, 8, 0.75, 1)]
+    # unit 1 found only two neighbours: the last found one (image 6) plays the k-th, so
+    # image 5 gets 1 - 3/3.5 and image 6 nothing
+    assert out[2:] == [(1, 5, pytest.approx(1 - 3 / 3.5), 0)]
+
+
+def test_ids_round_trip() -> None:
+    ids = encode_ids(12345, 3)
+    assert decode_images(np.append(ids, -1)).tolist() == [12345] * 3 + [-1]
+    assert (ids & ((1 << ROW_BITS) - 1)).tolist() == [0, 1, 2]
+
+
+def test_streamed_exact_search_equals_one_shot() -> None:
+    rng = np.random.default_rng(0)
+    blocks = [rng.random((n, 128), dtype=np.float32) for n in (50, 3, 80, 40)]
+    ids = [np.arange(len(b)) + 1000 * i for i, b in enumerate(blocks)]
+    queries = rng.random((30, 128), dtype=np.float32)
+    dist, idx = exact_search(queries, zip(blocks, ids, strict=True), k=5, gpu=False)
+    flat = faiss.IndexFlatL2(128)
+    flat.add(np.concatenate(blocks))
+    d_ref, i_ref = flat.search(queries, 5)
+    np.testing.assert_allclose(dist, d_ref, rtol=1e-5)
+    np.testing.assert_array_equal(idx, np.concatenate(ids)[i_ref])
+
+
+@pytest.fixture(scope="module")
+def demo_stores(tmp_path_factory) -> tuple[dict, Path, Path, Path]:
+    from common.config import load_config
+
+    conf = load_config(overrides=["run.shard_size=16"])
+    work = tmp_path_factory.mktemp("work")
+    refs = extract.main(conf, DATA / "referenceimages", work)
+    queries = extract.main(conf, DATA / "queryimages", work, mirror=True)
+    return conf, work, refs, queries
+
+
+def _top1(candidates: Path) -> dict[str, str]:
+    best: dict[str, tuple[float, str]] = {}
+    with open(candidates) as f:
+        for row in csv.DictReader(f):
+            votes = float(row["votes"])
+            if votes > best.get(row["query_id"], (-1.0, ""))[0]:
+                best[row["query_id"]] = (votes, row["reference_id"])
+    return {q: r for q, (_, r) in best.items()}
+
+
+@pytest.mark.parametrize("index", ["IVF4096,PQ64x4fs", "Flat"])
+def test_search_stage_finds_the_copies(demo_stores, index: str) -> None:
+    conf, work, refs, queries = demo_stores
+    conf = {**conf, "local_search": {**conf["local_search"], "index": index}}
+    candidates = search.main(conf, queries, refs, work)
+    with open(DATA / "gt.csv") as f:
+        gt = {r["query_id"]: r["reference_id"] for r in csv.DictReader(f) if r["reference_id"]}
+    top1 = _top1(candidates)
+    hits = sum(top1.get(q) == r for q, r in gt.items())
+    assert hits >= 0.8 * len(gt)
+    with open(candidates) as f:
+        rows = list(csv.DictReader(f))
+    per_view = {}
+    for r in rows:
+        per_view.setdefault((r["query_id"], r["view"]), []).append(int(r["rank"]))
+    assert all(ranks == list(range(len(ranks))) for ranks in per_view.values())
+    assert max(len(v) for v in per_view.values()) == conf["local_search"]["candidates"]
+    assert {v for _, v in per_view} == {"orig", "mirror"}
+
+
+def test_search_resumes_from_parts_and_image_folders_resolve(demo_stores) -> None:
+    conf, work, refs, queries = demo_stores
+    first = search.main(conf, queries, refs, work)
+    parts = sorted((first.parent / "parts").iterdir())
+    assert len(parts) == len(ShardStore(queries).shards)
+    stamp = parts[0].stat().st_mtime_ns
+    again = search.main(conf, DATA / "queryimages", DATA / "referenceimages", work)
+    assert again == first and parts[0].stat().st_mtime_ns == stamp  # reused, not redone
+
+
+def test_reference_blocks_cover_every_descriptor(demo_stores) -> None:
+    _, _, refs, _ = demo_stores
+    store = ShardStore(refs)
+    blocks = list(reference_blocks(store, range(len(store.shards))))
+    total = sum(len(d) for d, _ in blocks)
+    expected = sum(len(store.load(k)["views"]["orig"]["desc"]["data"])
+                   for k in range(len(store.shards)))
+    assert total == expected
+    images = np.unique(np.concatenate([decode_images(i) for _, i in blocks]))
+    assert [store.id_of(n) for n in images] == store.ids
