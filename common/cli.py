@@ -20,6 +20,14 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--n-jobs", type=int, help="worker processes (default: run.n_jobs)")
 
 
+def add_set_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """``--queries`` and ``--references``: image folders, or the feature stores made of them."""
+    parser.add_argument("--queries", required=required, type=Path,
+                        help="query images (or their feature store)")
+    parser.add_argument("--references", required=required, type=Path,
+                        help="reference images (or their feature store)")
+
+
 def config_from_args(args: argparse.Namespace) -> dict:
     overrides = list(args.override)
     if args.n_jobs is not None:

@@ -180,21 +180,19 @@ def read_image(
     return np.ascontiguousarray(arr), full_size
 
 
-def resize_short_side(img: np.ndarray, short_side: int) -> np.ndarray:
-    """Downscale (never upscale) so that the short side is at most ``short_side`` pixels."""
-    h, w = img.shape[:2]
-    scale = short_side / min(h, w)
+def _downscale(img: np.ndarray, scale: float) -> np.ndarray:
     if scale >= 1:
         return img
+    h, w = img.shape[:2]
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     return cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+
+
+def resize_short_side(img: np.ndarray, short_side: int) -> np.ndarray:
+    """Downscale (never upscale) so that the short side is at most ``short_side`` pixels."""
+    return _downscale(img, short_side / min(img.shape[:2]))
 
 
 def resize_long_side(img: np.ndarray, long_side: int) -> np.ndarray:
     """Downscale (never upscale) so that the long side is at most ``long_side`` pixels."""
-    h, w = img.shape[:2]
-    scale = long_side / max(h, w)
-    if scale >= 1:
-        return img
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+    return _downscale(img, long_side / max(img.shape[:2]))

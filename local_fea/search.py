@@ -156,10 +156,7 @@ def main(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--queries", required=True, type=Path,
-                        help="query images (or their feature store)")
-    parser.add_argument("--references", required=True, type=Path,
-                        help="reference images (or their feature store)")
+    cli.add_set_args(parser)
     cli.add_common_args(parser)
     return parser.parse_args(argv)
 

@@ -103,10 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--query", required=True, help="query id")
     parser.add_argument("--reference", required=True, help="reference id")
-    parser.add_argument("--queries", required=True, type=Path,
-                        help="query images (or their feature store)")
-    parser.add_argument("--references", required=True, type=Path,
-                        help="reference images (or their feature store)")
+    cli.add_set_args(parser)
     parser.add_argument("--out", type=Path, help="PNG (default: <work>/matches/<q>-<r>.png)")
     cli.add_common_args(parser)
     return parser.parse_args(argv)

@@ -82,9 +82,7 @@ def main(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--queries", type=Path, help="query images (or their feature store)")
-    parser.add_argument("--references", type=Path,
-                        help="reference images (or their feature store)")
+    cli.add_set_args(parser, required=False)
     parser.add_argument("--pairs", nargs="+", type=Path, default=[],
                         help="scored pairs.csv files to fuse (default: every branch's)")
     parser.add_argument("--out", type=Path, help="submission CSV (default: under --work)")

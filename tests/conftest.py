@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -46,3 +49,17 @@ def offline_env() -> dict[str, str]:
 
 def python() -> str:
     return sys.executable
+
+
+def kill_midway(cmd: list[str], watch: Path, pattern: str, after: int, total: int) -> None:
+    """Start ``cmd``, SIGKILL it once ``after`` files matching ``pattern`` exist under
+    ``watch``, and check that it really died midway (some but not all ``total`` written)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(watch.rglob(pattern))) < after:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: workers too
+    proc.wait()
+    done = len(list(watch.rglob(pattern)))
+    assert 0 < done < total, f"the kill must land midway ({done} of {total} written)"

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import csv
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ from common.shards import ShardStore
 from local_fea import extract
 from local_fea.features import ROOTSIFT_SCALE, LocalFeatures, extract_image
 from match_score.geometry import ratio_matches
-from tests.conftest import DATA, demo_references, python
+from tests.conftest import DATA, demo_references, kill_midway, python
 
 
 def test_rootsift_is_unit_norm_uint8(conf) -> None:
@@ -93,15 +91,7 @@ def test_sigkill_midway_then_restart_gives_identical_shards(tmp_path: Path) -> N
     subprocess.run(_extract_cmd(images, tmp_path / "clean"), check=True, capture_output=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_extract_cmd(images, killed), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(killed.rglob("shard_*.pkl"))) < 3:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done_before = len(list(killed.rglob("shard_*.pkl")))
-    assert 0 < done_before < n_shards, "the kill must land midway"
+    kill_midway(_extract_cmd(images, killed), killed, "shard_*.pkl", 3, n_shards)
     subprocess.run(_extract_cmd(images, killed), check=True, capture_output=True)
 
     clean_root = next((tmp_path / "clean").rglob("manifest.json")).parent

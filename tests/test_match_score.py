@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import csv
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import cv2
@@ -18,7 +16,7 @@ from common.config import REPO_ROOT, load_config
 from local_fea import extract, search
 from match_score.score import FEATURES, ScoreModel
 from merge import fuse
-from tests.conftest import DATA, python
+from tests.conftest import DATA, kill_midway, python
 
 
 def _rows(inliers, matches, agree, cells) -> list[dict[str, float]]:
@@ -94,15 +92,7 @@ def test_verify_sigkill_midway_then_restart_gives_identical_pairs(tmp_path: Path
     clean_pairs = next(clean.rglob("pairs.csv"))
     n_chunks = len(list(clean_pairs.parent.glob("parts/chunk_*.csv")))
 
-    proc = subprocess.Popen(_verify_cmd(killed), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(killed.rglob("chunk_*.csv"))) < 3:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done_before = len(list(killed.rglob("chunk_*.csv")))
-    assert 0 < done_before < n_chunks, "the kill must land midway"
+    kill_midway(_verify_cmd(killed), killed, "chunk_*.csv", 3, n_chunks)
     assert not list(killed.rglob("pairs.csv"))
     subprocess.run(_verify_cmd(killed), check=True, capture_output=True)
     killed_pairs = next(killed.rglob("pairs.csv"))
