@@ -4,12 +4,13 @@ Reference descriptors are identified by ``image_number << ROW_BITS | row`` (int6
 names its reference image without any side table. The CPU default is an IVF index from an
 ``index_factory`` string whose quantiser was trained on training photos (never on the
 references: ISC rule), shipped under ``local_fea/assets``; ``ReferenceIndex`` keeps the
-populated index of a reference store on disk and brings it up to date incrementally (new
-shards added, removed images taken out). Exact search (``"Flat"``, and always when GPUs are
-visible) loads reference blocks of bounded size into flat indexes (float16 on every GPU) and
-merges each block's k-NN into a ``faiss.ResultHeap``, query batch by query batch, so memory is
-set by the block and batch sizes, not by the number of references; a reference set that fits
-in one block is loaded once and kept.
+populated index of a reference store on disk and extends it incrementally with new shards;
+removed references are left out at search time (``IndexSearch``). Exact search
+(``"Flat"``, and always when GPUs are visible) loads reference blocks of bounded size into
+flat indexes (float16 on every GPU) and merges each block's k-NN into a
+``faiss.ResultHeap``, query batch by query batch, so memory is set by the block and batch
+sizes, not by the number of references; a reference set that fits in one block is loaded
+once and kept.
 """
 
 from __future__ import annotations
@@ -136,6 +137,12 @@ class FlatIndex:
             self.ntotal += stop - start
             start = stop
 
+    def reset(self) -> None:
+        """Drop every cell, freeing its memory (host or GPU)."""
+        for cells in self.cells:
+            cells.clear()
+        self.ntotal = 0
+
     def finish(self) -> FlatIndex:
         """Join each cell's id arrays once (searching works without it, just slower)."""
         for cells in self.cells:
@@ -200,11 +207,11 @@ def exact_search(
     query_batch: int = QUERY_BATCH,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact k-NN of ``queries`` over (descriptors, ids) blocks, merged in result heaps."""
-    heaps = QueryHeaps(queries, k, query_batch)
+    heaps, index = QueryHeaps(queries, k, query_batch), FlatIndex(gpu)
     for desc, ids in blocks:
-        index = FlatIndex(gpu)
         index.add(desc, ids)
         heaps.add(index.finish())
+        index.reset()
     return heaps.result()
 
 
@@ -237,7 +244,8 @@ class ExactSearch:
             desc, ids = shard_descriptors(self.store, k)
             if index.ntotal and index.ntotal + len(desc) > self.max_rows:
                 yield index.finish(), False
-                index, whole = FlatIndex(self.gpu), False
+                index.reset()  # free the searched block before the next one is read
+                whole = False
             index.add(desc, ids)
             del desc, ids
         yield index.finish(), whole
@@ -257,6 +265,7 @@ class ExactSearch:
             return
         if first is not None:
             yield first
+            del first
             yield from (index for index, _ in blocks)
             return
         yield from (index for index, _ in self._blocks())
