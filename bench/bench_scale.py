@@ -44,8 +44,7 @@ K, C = 10, 5
 DEFAULT = "IVF4096,PQ64x4fs"
 # (factory string, nprobe): the shipped default first
 COMPARED = [(DEFAULT, 8), (DEFAULT, 16), (DEFAULT, 32), ("IVF4096,PQ32x4fs", 16),
-            ("IVF4096,SQ8", 16), ("IVF16384,PQ64x4fs", 16), ("IVF16384,PQ64x4fs", 64),
-            ("IVF16384,PQ32x4fs", 64), ("IVF16384_HNSW32,PQ64x4fs", 64)]
+            ("IVF4096,SQ8", 16), ("IVF16384,PQ64x4fs", 64)]
 
 
 # ---------------------------------------------------------------- synthetic references

@@ -79,11 +79,12 @@ def connect(scheduler: str, timeout: float | None = None) -> Any:
     """
     from distributed import Client
 
+    kwargs = {"timeout": timeout} if timeout is not None else {}
     try:
         if "://" not in scheduler and Path(scheduler).is_file():
-            client = Client(scheduler_file=scheduler, timeout=timeout)
+            client = Client(scheduler_file=scheduler, **kwargs)
         else:
-            client = Client(scheduler, timeout=timeout)
+            client = Client(scheduler, **kwargs)
     except (OSError, TimeoutError, ValueError) as err:
         raise UserError(f"cannot connect to the Dask scheduler {scheduler}: {err}") from None
     try:
@@ -132,15 +133,12 @@ def parallel_map(
     unit: str = "task",
     total: int | None = None,
     weight: Callable[[R], int] | None = None,
-    prefer: str | None = None,
 ) -> Iterator[R]:
     """Yield ``fn(task)`` for every task, in completion order, with a progress bar.
 
     ``weight`` maps a result to how many progress units it stands for (e.g. images in a
     shard); by default each task counts one. Inside ``execution`` with a scheduler, tasks run
-    on the Dask cluster (all its threads; ``n_jobs`` and ``prefer`` are then ignored).
-    ``prefer="threads"`` runs local tasks in threads of this process: for work that releases
-    the GIL and shares a large read-only object (a Faiss index) that processes would copy.
+    on the Dask cluster, on all its worker threads (``n_jobs`` is then ignored).
     """
     tasks = list(tasks)
     total = total if total is not None else len(tasks)
@@ -152,8 +150,8 @@ def parallel_map(
     if n_jobs == 1 or not tasks:
         results: Iterable[Any] = (fn(t) for t in tasks)
     else:
-        results = Parallel(n_jobs=n_jobs, return_as="generator_unordered",
-                           prefer=None if on_dask else prefer)(delayed(fn)(t) for t in tasks)
+        results = Parallel(n_jobs=n_jobs, return_as="generator_unordered")(
+            delayed(fn)(t) for t in tasks)
     with tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=0.5) as bar:
         for result in results:
             bar.update(weight(result) if weight else 1)
