@@ -19,7 +19,7 @@ ARGS = --work $(WORK) $(if $(CONFIG),--config $(CONFIG)) $(OPTS)
 SETS = --queries $(QUERY) --references $(REF)
 
 .PHONY: install demo all extract extract-references extract-queries search verify merge eval \
-	test lint bench train-index calibrate clean
+	test lint bench bench-scale capacity train-index calibrate clean
 
 install: $(VENV)/.installed
 
@@ -64,6 +64,14 @@ lint: install
 
 bench: install
 	$(PY) -m bench.bench_local
+
+# Search time and memory against the number of references (1x-100x the devset, hours on one
+# core; needs `make extract` on the devset and `make train-index`), then the capacity plan.
+bench-scale: install
+	nice -n 10 $(PY) -m bench.bench_scale --work $(WORK)
+
+capacity: install
+	$(PY) -m bench.capacity_plan --work $(WORK)
 
 # Models and indexes shipped in the repository, rebuilt from training photos (never references).
 train-index: install

@@ -1,4 +1,5 @@
-"""Command-line arguments every stage shares: work folder, configuration file, overrides."""
+"""Command-line arguments every stage shares: work folder, configuration file, overrides,
+worker count and Dask scheduler."""
 
 from __future__ import annotations
 
@@ -8,16 +9,22 @@ from pathlib import Path
 
 from common import UserError
 from common.config import load_config
+from common.logs import setup_console
+from common.parallel import execution
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("run")
-    group.add_argument("--work", type=Path, default=Path("work"),
+    group.add_argument("--work", type=lambda s: Path(s).resolve(), default=Path("work").resolve(),
                        help="work folder for all outputs (default: work)")
     group.add_argument("--config", type=Path, help="YAML file overriding config.yaml")
     group.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                        help="override one setting, e.g. -o local_fea.short_side=400")
     group.add_argument("--n-jobs", type=int, help="worker processes (default: run.n_jobs)")
+    group.add_argument("--scheduler", metavar="ADDRESS",
+                       help="run the parallel work on a Dask cluster: scheduler address "
+                            "(tcp://host:8786) or scheduler JSON file (default: run.scheduler; "
+                            "none = local processes)")
 
 
 def add_set_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -32,13 +39,18 @@ def config_from_args(args: argparse.Namespace) -> dict:
     overrides = list(args.override)
     if args.n_jobs is not None:
         overrides.append(f"run.n_jobs={args.n_jobs}")
+    if args.scheduler is not None:
+        overrides.append(f"run.scheduler={args.scheduler}")
     return load_config(args.config, overrides)
 
 
-def run_main(main, *args, **kwargs):
-    """Run a stage's ``main``; a user error becomes a one-line message and exit status 2."""
+def run_main(main, conf: dict, *args, **kwargs):
+    """Run a stage's ``main(conf, ...)`` on the configured executor (local processes, or the
+    Dask cluster of ``run.scheduler``); a user error becomes a one-line message and exit 2."""
+    setup_console()
     try:
-        result = main(*args, **kwargs)
+        with execution(conf["run"]):
+            result = main(conf, *args, **kwargs)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

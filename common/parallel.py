@@ -1,21 +1,40 @@
 """The one execution layer every stage uses for its parallel work (joblib).
 
-Tasks run on local worker processes (joblib's loky backend) by default. Each task is expected
-to write its own output atomically and return a small summary, so results can be consumed in
-completion order and a killed run loses at most the tasks in flight.
+Tasks run on local worker processes (joblib's loky backend) by default, or on a Dask cluster
+when a scheduler is named (``run.scheduler`` / ``--scheduler``): ``execution`` connects a
+``dask.distributed.Client`` and switches joblib to its Dask backend, so the same stage code
+runs on both. Each task is expected to write its own output atomically and return a small
+summary, so results can be consumed in completion order and a killed run loses at most the
+tasks in flight.
+
+A cluster needs what a local run has: the same Python environment on every worker with this
+repository importable (``PYTHONPATH``), and the image folders and work folder on a file
+system every worker sees under the same absolute paths (tasks read and write files, never
+ship arrays through the scheduler).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
+import joblib
 from joblib import Parallel, delayed
 from tqdm import tqdm
 
+from common import UserError
+
 T = TypeVar("T")
 R = TypeVar("R")
+
+log = logging.getLogger(__name__)
+_CLIENT: contextvars.ContextVar[Any] = contextvars.ContextVar("dask_client", default=None)
+CONNECT_TIMEOUT_S = 30
 
 
 def resolve_n_jobs(n_jobs: int | None) -> int:
@@ -40,6 +59,71 @@ def limit_threads() -> None:
         pass
 
 
+def dask_client() -> Any:
+    """The ``distributed.Client`` of the enclosing ``execution``, or None (local run)."""
+    return _CLIENT.get()
+
+
+def _worker_check() -> str:
+    """Run on every Dask worker: can it import the pipeline, and from where?"""
+    import common.config
+
+    return str(common.config.REPO_ROOT)
+
+
+def connect(scheduler: str, timeout: float | None = None) -> Any:
+    """A client of ``scheduler``: an address (``tcp://host:8786``) or a scheduler JSON file.
+
+    Checks that every worker can import this repository; a clear ``UserError`` otherwise.
+    ``timeout`` defaults to Dask's ``distributed.comm.timeouts.connect`` setting.
+    """
+    from distributed import Client
+
+    kwargs = {"timeout": timeout} if timeout is not None else {}
+    try:
+        if "://" not in scheduler and Path(scheduler).is_file():
+            client = Client(scheduler_file=scheduler, **kwargs)
+        else:
+            client = Client(scheduler, **kwargs)
+    except (OSError, TimeoutError, ValueError) as err:
+        raise UserError(f"cannot connect to the Dask scheduler {scheduler}: {err}") from None
+    try:
+        roots = client.run(_worker_check)
+    except Exception as err:  # a worker that cannot import the pipeline fails to unpickle
+        client.close()
+        raise UserError(
+            f"Dask workers of {scheduler} cannot run the pipeline ({type(err).__name__}: "
+            f"{err}): start them in the same environment with this repository on PYTHONPATH"
+        ) from None
+    if not roots:
+        client.close()
+        raise UserError(f"the Dask scheduler {scheduler} has no workers")
+    log.info("Dask scheduler %s: %d worker(s), %d thread(s)", scheduler, len(roots),
+             sum(client.nthreads().values()))
+    return client
+
+
+@contextlib.contextmanager
+def execution(run_conf: Mapping[str, Any] | None = None, client: Any = None) -> Iterator[Any]:
+    """Run the enclosed ``parallel_map`` calls on Dask when ``run_conf["scheduler"]`` names a
+    scheduler (or ``client`` is given), else locally. Yields the client (or None)."""
+    scheduler = (run_conf or {}).get("scheduler")
+    if client is None and not scheduler:
+        yield None
+        return
+    own = client is None
+    client = client if client is not None else connect(str(scheduler))
+    token = _CLIENT.set(client)
+    try:
+        with joblib.parallel_config(backend="dask", client=client,
+                                   wait_for_workers_timeout=CONNECT_TIMEOUT_S):
+            yield client
+    finally:
+        _CLIENT.reset(token)
+        if own:
+            client.close()
+
+
 def parallel_map(
     fn: Callable[[T], R],
     tasks: Iterable[T],
@@ -53,17 +137,21 @@ def parallel_map(
     """Yield ``fn(task)`` for every task, in completion order, with a progress bar.
 
     ``weight`` maps a result to how many progress units it stands for (e.g. images in a
-    shard); by default each task counts one.
+    shard); by default each task counts one. Inside ``execution`` with a scheduler, tasks run
+    on the Dask cluster, on all its worker threads (``n_jobs`` is then ignored).
     """
     tasks = list(tasks)
     total = total if total is not None else len(tasks)
-    n_jobs = min(resolve_n_jobs(n_jobs), max(1, len(tasks)))
-    if n_jobs == 1:
+    on_dask = dask_client() is not None
+    n_jobs = -1 if on_dask else min(resolve_n_jobs(n_jobs), max(1, len(tasks)))
+    if on_dask and tasks:
+        log.info("%s: %d task(s) on the Dask cluster %s", desc or "parallel_map", len(tasks),
+                 dask_client().scheduler.address)
+    if n_jobs == 1 or not tasks:
         results: Iterable[Any] = (fn(t) for t in tasks)
     else:
         results = Parallel(n_jobs=n_jobs, return_as="generator_unordered")(
-            delayed(fn)(t) for t in tasks
-        )
+            delayed(fn)(t) for t in tasks)
     with tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=0.5) as bar:
         for result in results:
             bar.update(weight(result) if weight else 1)

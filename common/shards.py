@@ -5,6 +5,11 @@ source folder they came from) and ``shard_NNNNN.pkl`` files. The manifest is app
 ids keep their shard and row for ever, new ids go to new shards, so a restarted or extended
 run only computes the shards that are missing. Shards are written atomically and
 uncompressed, so loading one with ``mmap_mode="r"`` reads only the rows that are used.
+
+Images that leave the folder are not deleted from the shards: the manifest lists them as
+``removed`` (and un-lists them if they come back), and consumers leave them out of their
+results (``is_removed``, ``removed_numbers``). ``revision`` names the store's content, so
+outputs computed from a store can be keyed by it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import joblib
 import numpy as np
 
 from common import UserError
+from common.config import digest
 from common.images import ImageSet
 from common.io import clean_stale_tmp, write_json
 
@@ -51,11 +57,13 @@ class ShardStore:
         self.manifest = json.loads(manifest_path.read_text())
         self.shard_size: int = self.manifest["shard_size"]
         self.shards: list[list[str]] = self.manifest["shards"]
+        self.removed: frozenset[str] = frozenset(self.manifest.get("removed", []))
         self._where = {i: (k, r) for k, ids in enumerate(self.shards) for r, i in enumerate(ids)}
 
     @classmethod
     def plan(cls, root: str | Path, images: ImageSet, shard_size: int) -> ShardStore:
-        """Create the store for ``images`` or extend it with ids it does not hold yet."""
+        """Create the store for ``images``, extend it with ids it does not hold yet, and mark
+        the ids no longer in ``images`` as removed (ids that came back are restored)."""
         root = Path(root)
         source = str(images.root.resolve())
         manifest_path = root / MANIFEST
@@ -76,7 +84,10 @@ class ShardStore:
             chunk = new[start:start + size]
             manifest["shards"].append([i for i, _ in chunk])
             manifest["paths"].update({i: str(Path(p).relative_to(images.root)) for i, p in chunk})
-        if new or not manifest_path.exists():
+        removed = sorted(known - set(images.ids))
+        changed = removed != manifest.get("removed", [])
+        manifest["removed"] = removed
+        if new or changed or not manifest_path.exists():
             write_json(manifest_path, manifest)
         clean_stale_tmp(root)
         return cls(root)
@@ -90,6 +101,18 @@ class ShardStore:
 
     def __contains__(self, image_id: str) -> bool:
         return image_id in self._where
+
+    def is_removed(self, image_id: str) -> bool:
+        return image_id in self.removed
+
+    def removed_numbers(self) -> list[int]:
+        """``number`` of every removed id, sorted."""
+        return sorted(self.number(i) for i in self.removed)
+
+    @property
+    def revision(self) -> str:
+        """Names the store's content: shard count plus a hash of the removed ids."""
+        return f"{len(self.shards)}-{digest(sorted(self.removed))}"
 
     def shard_path(self, k: int) -> Path:
         return self.root / f"shard_{k:05d}.pkl"
@@ -109,9 +132,11 @@ class ShardStore:
             for k in shards
         ]
 
-    def load(self, k: int) -> dict[str, Any]:
-        """Shard ``k`` with its arrays memory-mapped (cached per process)."""
-        return _load_shard(str(self.shard_path(k)))
+    def load(self, k: int, cache: bool = True) -> dict[str, Any]:
+        """Shard ``k`` with its arrays memory-mapped, cached per process; ``cache=False`` for
+        a one-pass stream over many shards (its pages are released once it is dropped)."""
+        path = str(self.shard_path(k))
+        return _load_shard(path) if cache else joblib.load(path, mmap_mode="r")
 
     def locate(self, image_id: str) -> tuple[int, int]:
         """(shard, row) of an image id."""

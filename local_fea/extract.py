@@ -38,7 +38,7 @@ def store_for(conf: dict[str, Any], path: str | Path, work_dir: str | Path) -> P
     image folder ``path`` (named after it) with this configuration."""
     path = Path(path)
     if (path / MANIFEST).exists():
-        return path
+        return path.resolve()
     store = features_root(conf, work_dir) / path.resolve().name
     if not (store / MANIFEST).exists():
         raise UserError(f"no local features of {path} at {store}: run "
@@ -104,8 +104,9 @@ def main(
     with run:
         store = ShardStore.plan(root, image_set, conf["run"]["shard_size"])
         tasks = store.tasks()
-        run.logger.info("%s: %d images in %d shards, %d to compute -> %s", image_set.name,
-                        len(store), len(store.shards), len(tasks), root)
+        run.logger.info("%s: %d images in %d shards, %d to compute, %d removed from the "
+                        "folder -> %s", image_set.name, len(store), len(store.shards),
+                        len(tasks), len(store.removed), root)
         done = parallel_map(
             functools.partial(extract_shard, conf=conf[STAGE], mirror=mirror), tasks,
             n_jobs=conf["run"]["n_jobs"], desc=f"SIFT {image_set.name}", unit="img",

@@ -3,17 +3,25 @@
 Reference descriptors are identified by ``image_number << ROW_BITS | row`` (int64), so a hit
 names its reference image without any side table. The CPU default is an IVF index from an
 ``index_factory`` string whose quantiser was trained on training photos (never on the
-references: ISC rule), shipped under ``local_fea/assets``. Exact search (``"Flat"``, and
-always when GPUs are visible) streams reference blocks through ``IndexFlatL2`` (fp16 on all
-GPUs) into a ``faiss.ResultHeap``, so memory is set by the block size, not the set size.
+references: ISC rule), shipped under ``local_fea/assets``; ``ReferenceIndex`` keeps the
+populated index of a reference store on disk and extends it incrementally with new shards;
+removed references are left out at search time (``IndexSearch``). Exact search
+(``"Flat"``, and always when GPUs are visible) loads reference blocks of bounded size into
+flat indexes (float16 on every GPU) and merges each block's k-NN into a
+``faiss.ResultHeap``, query batch by query batch, so memory is set by the block and batch
+sizes, not by the number of references; a reference set that fits in one block is loaded
+once and kept.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import re
+import threading
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +36,9 @@ log = logging.getLogger(__name__)
 
 ROW_BITS = 20
 EXACT = "Flat"
+DIM = 128
+QUERY_BATCH = 65536  # query descriptors per search call: bounds faiss' result buffers
+GPU_CELL_ROWS = 1 << 22  # descriptors per GPU flat index (1 GiB in float16): adds stay cheap
 
 
 def encode_ids(image_number: int, n: int) -> np.ndarray:
@@ -39,59 +50,231 @@ def decode_images(ids: np.ndarray) -> np.ndarray:
     return np.where(ids >= 0, ids >> ROW_BITS, -1)
 
 
+def num_gpus() -> int:
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
 def use_gpu(conf: dict[str, Any]) -> bool:
     """``gpu: auto`` uses GPUs whenever faiss sees one; ``true`` requires one."""
-    n = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    n = num_gpus()
     if conf["gpu"] is True and n == 0:
         raise UserError("local_search.gpu is true but faiss sees no GPU (faiss-gpu installed?)")
     return bool(conf["gpu"]) and n > 0
 
 
+def shard_descriptors(
+    store: ShardStore, k: int, images: Iterable[int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 descriptors, ids) of shard ``k``'s active images (or of the rows ``images``).
+
+    The shard is read without the per-process cache, so a pass over many shards keeps only
+    one in memory.
+    """
+    shard = store.load(k, cache=False)
+    packed = shard["views"]["orig"]["desc"]
+    offsets = packed["offsets"]
+    if images is None:
+        images = [r for r, i in enumerate(shard["ids"]) if not store.is_removed(i)]
+    rows = list(images)
+    number0 = k * store.shard_size
+    ids = [encode_ids(number0 + r, offsets[r + 1] - offsets[r]) for r in rows]
+    if len(rows) == len(shard["ids"]):
+        desc = np.asarray(packed["data"], np.float32)
+    else:
+        desc = np.concatenate([packed["data"][offsets[r]:offsets[r + 1]] for r in rows]
+                              or [np.zeros((0, DIM), np.uint8)]).astype(np.float32)
+    return desc, np.concatenate(ids) if ids else np.zeros(0, np.int64)
+
+
 def reference_blocks(
     store: ShardStore, shards: Iterable[int]
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(float32 descriptors, ids) of the references, one shard at a time."""
+    """(float32 descriptors, ids) of the references' active images, one shard at a time."""
     for k in shards:
-        shard = store.load(k)
-        packed = shard["views"]["orig"]["desc"]
-        offsets = packed["offsets"]
-        ids = np.concatenate([
-            encode_ids(k * store.shard_size + row, offsets[row + 1] - offsets[row])
-            for row in range(len(shard["ids"]))
-        ]) if len(shard["ids"]) else np.zeros(0, np.int64)
-        yield np.asarray(packed["data"], np.float32), ids
+        yield shard_descriptors(store, k)
 
 
-def _flat_index(gpu: bool) -> faiss.Index:
-    index = faiss.IndexFlatL2(128)
-    if not gpu:
-        return index
-    options = faiss.GpuMultipleClonerOptions()
-    options.useFloat16 = True
-    options.shard = True
-    return faiss.index_cpu_to_all_gpus(index, co=options)
+class FlatIndex:
+    """Exact L2 k-NN over descriptors added block by block, with their int64 ids.
+
+    On CPU one ``IndexFlatL2``. With ``gpu``, float16 ``GpuIndexFlatL2`` cells of at most
+    ``GPU_CELL_ROWS`` descriptors spread evenly over every visible GPU (faiss' multi-GPU
+    sharding, with bounded cells so that adding never reallocates a whole GPU's data); each
+    GPU is searched by its own thread and the results merged.
+    """
+
+    def __init__(self, gpu: bool = False):
+        self.n_devices = num_gpus() if gpu else 0
+        self.resources = [faiss.StandardGpuResources() for _ in range(self.n_devices)]
+        self.cells: list[list[tuple[faiss.Index, list[np.ndarray]]]] = [
+            [] for _ in range(max(1, self.n_devices))]
+        self.ntotal = 0
+
+    def _new_cell(self, device: int) -> faiss.Index:
+        if not self.n_devices:
+            return faiss.IndexFlatL2(DIM)
+        config = faiss.GpuIndexFlatConfig()
+        config.device = device
+        config.useFloat16 = True
+        return faiss.GpuIndexFlatL2(self.resources[device], DIM, config)
+
+    def _rows(self, device: int) -> int:
+        return sum(cell.ntotal for cell, _ in self.cells[device])
+
+    def add(self, desc: np.ndarray, ids: np.ndarray) -> None:
+        """Add descriptors (float32, n x 128) with their ids, to the least-filled device."""
+        start = 0
+        while start < len(desc):
+            device = min(range(len(self.cells)), key=self._rows)
+            cells = self.cells[device]
+            if not cells or (self.n_devices and cells[-1][0].ntotal >= GPU_CELL_ROWS):
+                cells.append((self._new_cell(device), []))
+            cell, cell_ids = cells[-1]
+            room = GPU_CELL_ROWS - cell.ntotal if self.n_devices else len(desc)
+            stop = min(len(desc), start + room)
+            cell.add(np.ascontiguousarray(desc[start:stop], np.float32))
+            cell_ids.append(np.asarray(ids[start:stop], np.int64))
+            self.ntotal += stop - start
+            start = stop
+
+    def reset(self) -> None:
+        """Drop every cell, freeing its memory (host or GPU)."""
+        for cells in self.cells:
+            cells.clear()
+        self.ntotal = 0
+
+    def finish(self) -> FlatIndex:
+        """Join each cell's id arrays once (searching works without it, just slower)."""
+        for cells in self.cells:
+            for _, cell_ids in cells:
+                if len(cell_ids) > 1:
+                    cell_ids[:] = [np.concatenate(cell_ids)]
+        return self
+
+    def _search_device(self, device: int, queries: np.ndarray, k: int):
+        heap = faiss.ResultHeap(len(queries), k)
+        for cell, cell_ids in self.cells[device]:
+            if cell.ntotal == 0:
+                continue
+            ids = cell_ids[0] if len(cell_ids) == 1 else np.concatenate(cell_ids)
+            dist, idx = cell.search(queries, min(k, cell.ntotal))
+            heap.add_result(dist, np.where(idx >= 0, ids[np.maximum(idx, 0)], -1))
+        heap.finalize()
+        return heap.D, heap.I
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """k nearest (squared L2 distance, id) of each query; missing neighbours are -1."""
+        queries = np.ascontiguousarray(queries, np.float32)
+        devices = range(len(self.cells))
+        if len(self.cells) == 1:
+            return self._search_device(0, queries, k)
+        with ThreadPoolExecutor(len(self.cells)) as pool:  # one thread per GPU
+            parts = list(pool.map(lambda d: self._search_device(d, queries, k), devices))
+        heap = faiss.ResultHeap(len(queries), k)
+        for dist, idx in parts:
+            heap.add_result(dist, idx)
+        heap.finalize()
+        return heap.D, heap.I
+
+
+class QueryHeaps:
+    """k-NN results of a query set over several reference blocks, searched in query batches."""
+
+    def __init__(self, queries: np.ndarray, k: int, batch: int = QUERY_BATCH):
+        self.queries, self.k = np.ascontiguousarray(queries, np.float32), k
+        self.batches = [(s, min(s + batch, len(queries)))
+                        for s in range(0, len(queries), max(1, batch))]
+        self.heaps = [faiss.ResultHeap(stop - start, k) for start, stop in self.batches]
+
+    def add(self, index: FlatIndex) -> None:
+        """Merge the k-NN of every query batch in ``index`` (one reference block)."""
+        if index.ntotal == 0:
+            return
+        for (start, stop), heap in zip(self.batches, self.heaps, strict=True):
+            heap.add_result(*index.search(self.queries[start:stop], self.k))
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        for heap in self.heaps:
+            heap.finalize()
+        if not self.heaps:
+            return np.zeros((0, self.k), np.float32), np.zeros((0, self.k), np.int64)
+        return (np.concatenate([h.D for h in self.heaps]),
+                np.concatenate([h.I for h in self.heaps]))
 
 
 def exact_search(
-    queries: np.ndarray, blocks: Iterable[tuple[np.ndarray, np.ndarray]], k: int, gpu: bool
+    queries: np.ndarray, blocks: Iterable[tuple[np.ndarray, np.ndarray]], k: int, gpu: bool,
+    query_batch: int = QUERY_BATCH,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact k-NN of ``queries`` over reference blocks, merged in a result heap."""
-    heap = faiss.ResultHeap(len(queries), k)
-    index = _flat_index(gpu)
+    """Exact k-NN of ``queries`` over (descriptors, ids) blocks, merged in result heaps."""
+    heaps, index = QueryHeaps(queries, k, query_batch), FlatIndex(gpu)
     for desc, ids in blocks:
-        if not len(desc):
-            continue
+        index.add(desc, ids)
+        heaps.add(index.finish())
         index.reset()
-        index.add(desc)
-        dist, idx = index.search(queries, min(k, len(desc)))
-        if dist.shape[1] < k:  # a block smaller than k: pad with empty results
-            pad = k - dist.shape[1]
-            dist = np.hstack([dist, np.full((len(dist), pad), np.inf, np.float32)])
-            idx = np.hstack([idx, np.full((len(idx), pad), -1, np.int64)])
-        heap.add_result(np.ascontiguousarray(dist, np.float32),
-                        np.ascontiguousarray(np.where(idx >= 0, ids[idx], -1), np.int64))
-    heap.finalize()
-    return heap.D, heap.I
+    return heaps.result()
+
+
+def block_rows(conf: dict[str, Any], gpu: bool) -> int:
+    """Reference descriptors one exact-search block holds: ``block_mb`` of host memory as
+    float32, or ``gpu_block_mb`` per GPU as float16."""
+    if gpu:
+        return conf["gpu_block_mb"] * 2**20 // (2 * DIM) * num_gpus()
+    return conf["block_mb"] * 2**20 // (4 * DIM)
+
+
+class ExactSearch:
+    """Exact k-NN over a reference store: its shards are gathered into blocks of at most
+    ``max_rows`` descriptors, each loaded into a ``FlatIndex`` and searched by every query
+    batch. When the whole store fits in one block, that block is kept for later calls
+    (resident: on GPUs this is how a whole reference set is searched from GPU memory)."""
+
+    def __init__(self, store: ShardStore, k: int, gpu: bool, max_rows: int,
+                 query_batch: int = QUERY_BATCH):
+        self.store, self.k, self.gpu = store, k, gpu
+        self.max_rows, self.query_batch = max(1, max_rows), query_batch
+        self._resident: FlatIndex | None = None
+        self._streams = False
+        self._lock = threading.Lock()
+
+    def _blocks(self) -> Iterator[tuple[FlatIndex, bool]]:
+        """(filled index, whether it holds the whole store), block after block."""
+        index, whole = FlatIndex(self.gpu), True
+        for k in range(len(self.store.shards)):
+            desc, ids = shard_descriptors(self.store, k)
+            if index.ntotal and index.ntotal + len(desc) > self.max_rows:
+                yield index.finish(), False
+                index.reset()  # free the searched block before the next one is read
+                whole = False
+            index.add(desc, ids)
+            del desc, ids
+        yield index.finish(), whole
+
+    def _indexes(self) -> Iterator[FlatIndex]:
+        first = None
+        with self._lock:  # the first call decides whether the store stays loaded
+            if self._resident is None and not self._streams:
+                blocks = self._blocks()
+                first, whole = next(blocks)
+                if whole:
+                    self._resident = first
+                else:
+                    self._streams = True
+        if self._resident is not None:
+            yield self._resident
+            return
+        if first is not None:
+            yield first
+            del first
+            yield from (index for index, _ in blocks)
+            return
+        yield from (index for index, _ in self._blocks())
+
+    def __call__(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        heaps = QueryHeaps(queries, self.k, self.query_batch)
+        for index in self._indexes():
+            heaps.add(index)
+        return heaps.result()
 
 
 def trained_index_path(conf: dict[str, Any], features_name: str) -> Path:
@@ -125,33 +308,97 @@ def set_nprobe(index: faiss.Index, nprobe: int) -> None:
         faiss.extract_index_ivf(index).nprobe = nprobe
 
 
+_LOAD_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=1)
+def _read_index(path: str) -> faiss.Index:
+    return faiss.read_index(path)
+
+
+def load_index(path: str | Path, nprobe: int) -> faiss.Index:
+    """A populated index file, read once per process (threads share it: searches only read)."""
+    with _LOAD_LOCK:
+        index = _read_index(str(path))
+        set_nprobe(index, nprobe)
+    return index
+
+
+def removed_ids(store: ShardStore) -> np.ndarray:
+    """Descriptor ids of the store's removed images."""
+    by_shard: dict[int, list[int]] = {}
+    for n in store.removed_numbers():
+        by_shard.setdefault(n // store.shard_size, []).append(n % store.shard_size)
+    ids = [shard_descriptors(store, k, rows)[1] for k, rows in sorted(by_shard.items())]
+    return np.concatenate(ids) if ids else np.zeros(0, np.int64)
+
+
+class IndexSearch:
+    """Search a populated index, leaving out the descriptors of removed references (an
+    ``IDSelector`` in the search parameters: the index itself is never edited)."""
+
+    def __init__(self, index: faiss.Index, k: int, nprobe: int, exclude: np.ndarray,
+                 query_batch: int = QUERY_BATCH):
+        self.index, self.k, self.query_batch, self.params = index, k, query_batch, None
+        set_nprobe(index, nprobe)
+        if len(exclude):
+            self._selector = faiss.IDSelectorBatch(np.ascontiguousarray(exclude, np.int64))
+            self._not = faiss.IDSelectorNot(self._selector)  # both kept alive here
+            try:
+                faiss.extract_index_ivf(index)
+                self.params = faiss.SearchParametersIVF(sel=self._not, nprobe=nprobe)
+            except RuntimeError:
+                self.params = faiss.SearchParameters(sel=self._not)
+
+    def __call__(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        queries = np.ascontiguousarray(queries, np.float32)
+        batch = self.query_batch
+        parts = [self.index.search(queries[s:s + batch], self.k, params=self.params)
+                 for s in range(0, len(queries), batch)]
+        if not parts:
+            return np.zeros((0, self.k), np.float32), np.zeros((0, self.k), np.int64)
+        return np.concatenate([d for d, _ in parts]), np.concatenate([i for _, i in parts])
+
+
 class ReferenceIndex:
     """The populated CPU index of a reference store, kept on disk and extended incrementally.
 
-    The file name records how many shards it holds (``index-<n>.faiss``); opening it adds any
-    shard the store gained since, writes the new file, and removes the old one.
+    The file name records how many shards it holds (``index-<n>.faiss``); ``update`` adds any
+    shard the store gained since (nothing already in the index is encoded again), writes the
+    new file, and removes the old one. It holds every image of its shards: removed references
+    are left out at search time (``IndexSearch``), so taking an image out or putting it back
+    costs nothing here; delete the folder to reclaim their space (the index is rebuilt from
+    the stored features).
     """
 
     def __init__(self, folder: Path, conf: dict[str, Any], features_name: str):
-        self.folder, self.conf, self.features_name = folder, conf, features_name
+        self.folder, self.conf, self.features_name = Path(folder), conf, features_name
 
-    def _existing(self) -> tuple[int, Path | None]:
+    def current(self) -> tuple[int, Path | None]:
+        """(shards held, file) of the index on disk; (0, None) if there is none."""
         files = sorted(self.folder.glob("index-*.faiss"),
                        key=lambda p: int(p.stem.split("-")[1]))
         return (int(files[-1].stem.split("-")[1]), files[-1]) if files else (0, None)
 
-    def open(self, store: ShardStore) -> faiss.Index:
-        n_done, path = self._existing()
-        index = faiss.read_index(str(path)) if path else load_trained(self.conf, self.features_name)
-        todo = range(n_done, len(store.shards))
-        if todo:
-            log.info("adding %d reference shard(s) to the index", len(todo))
-            for desc, ids in reference_blocks(store, todo):
-                if len(desc):
-                    index.add_with_ids(desc, ids)
-            new_path = self.folder / f"index-{len(store.shards)}.faiss"
-            write_index(index, new_path)
-            if path:
-                path.unlink()
-        set_nprobe(index, self.conf["nprobe"])
-        return index
+    def update(self, store: ShardStore) -> Path:
+        """Add the shards the store gained to the index file; return the file."""
+        n_done, path = self.current()
+        if path and n_done == len(store.shards):
+            return path
+        index = faiss.read_index(str(path)) if path else load_trained(self.conf,
+                                                                      self.features_name)
+        log.info("adding %d reference shard(s) to the index", len(store.shards) - n_done)
+        for k in range(n_done, len(store.shards)):
+            desc, ids = shard_descriptors(store, k, range(len(store.shards[k])))
+            if len(desc):
+                index.add_with_ids(desc, ids)
+        new_path = self.folder / f"index-{len(store.shards)}.faiss"
+        write_index(index, new_path)
+        if path:
+            path.unlink()
+        return new_path
+
+    def open(self, store: ShardStore) -> IndexSearch:
+        """The up-to-date index, in memory, as a search function without removed images."""
+        return IndexSearch(faiss.read_index(str(self.update(store))), self.conf["k"],
+                           self.conf["nprobe"], removed_ids(store), self.conf["query_batch"])

@@ -6,13 +6,19 @@ Every query descriptor takes its k nearest reference descriptors; each neighbour
 its reference image with weight ``max(0, 1 - d_i / d_k)`` (squared L2 distances): a soft
 ratio test in which a neighbour no closer than the k-th counts nothing, and a reference
 counts once per query descriptor. Votes are summed per (query view, reference) in sparse
-form; each query view keeps its C best references. Query shards are searched one at a time
-(bounded memory) and each writes its part atomically, so a restarted run resumes.
+form; each query view keeps its C best references. Each query shard is one task of the
+execution layer (in this process, Faiss using ``run.n_jobs`` threads; or spread over the
+workers of a Dask cluster, each reading the index once) and writes its part atomically,
+named after the reference store's revision, so a restarted run resumes and a reference set
+that gained or lost images is searched again. With GPUs the search runs in this process on
+all of them.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -21,27 +27,32 @@ import numpy as np
 from tqdm import tqdm
 
 from common import cli
-from common.config import output_name
+from common.config import digest, output_name
 from common.io import read_csv, write_csv
 from common.logs import start_run
-from common.parallel import resolve_n_jobs
+from common.parallel import dask_client, parallel_map, resolve_n_jobs
 from common.shards import ShardStore
 from local_fea.extract import store_for
 from local_fea.index import (
     EXACT,
+    ExactSearch,
+    IndexSearch,
     ReferenceIndex,
+    block_rows,
     decode_images,
-    exact_search,
-    reference_blocks,
+    load_index,
+    removed_ids,
     use_gpu,
 )
 
 STAGE = "local_search"
 COLUMNS = ["query_id", "view", "reference_id", "votes", "rank"]
+NOT_IN_NAME = ("block_mb", "gpu_block_mb", "query_batch")  # resources, not results
 
 
 def search_root(conf: dict[str, Any], features_name: str, work_dir: str | Path) -> Path:
-    return Path(work_dir) / STAGE / output_name(conf[STAGE], features_name)
+    section = {k: v for k, v in conf[STAGE].items() if k not in NOT_IN_NAME}
+    return Path(work_dir) / STAGE / output_name(section, features_name)
 
 
 def vote(
@@ -82,7 +93,7 @@ def query_block(store: ShardStore, k: int) -> tuple[list[tuple[str, str]], np.nd
         offsets = packed["desc"]["offsets"]
         for row, image_id in enumerate(shard["ids"]):
             n = offsets[row + 1] - offsets[row]
-            if n:
+            if n and not store.is_removed(image_id):
                 owners.append(np.full(n, len(names)))
                 descs.append(packed["desc"]["data"][offsets[row]:offsets[row + 1]])
                 names.append((image_id, view))
@@ -107,15 +118,51 @@ def search_shard(
     return len(rows)
 
 
-def make_searcher(conf: dict[str, Any], references: ShardStore, folder: Path,
-                  features_name: str):
-    """A function descriptors -> (squared distances, ids) for the configured index."""
-    if conf["index"] == EXACT or use_gpu(conf):
-        gpu = use_gpu(conf)
-        shards = range(len(references.shards))
-        return lambda q: exact_search(q, reference_blocks(references, shards), conf["k"], gpu)
-    index = ReferenceIndex(folder, conf, features_name).open(references)
-    return lambda q: index.search(q, conf["k"])
+_SEARCHER_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=1)
+def _searcher(references: str, revision: str, index_path: str | None, k: int, nprobe: int,
+              gpu: bool, max_rows: int, query_batch: int):
+    """A function descriptors -> (squared distances, ids), built once per process."""
+    store = ShardStore(references)
+    if index_path is None:
+        return ExactSearch(store, k, gpu, max_rows, query_batch)
+    return IndexSearch(load_index(index_path, nprobe), k, nprobe, removed_ids(store),
+                       query_batch)
+
+
+@functools.lru_cache(maxsize=4)
+def _store(root: str, revision: str) -> ShardStore:
+    return ShardStore(root)
+
+
+def make_searcher(conf: dict[str, Any], references: ShardStore, index_path: Path | None):
+    """The searcher of ``references`` for the configured index (``index_path``: the populated
+    index file, None for exact search)."""
+    gpu = use_gpu(conf)
+    with _SEARCHER_LOCK:
+        return _searcher(str(references.root), references.revision,
+                         None if index_path is None else str(index_path), conf["k"],
+                         conf["nprobe"], gpu, block_rows(conf, gpu), conf["query_batch"])
+
+
+def search_part(k: int, conf: dict[str, Any], queries: str, query_revision: str,
+                references: str, revision: str, index_path: str | None, threads: int,
+                parts: str) -> int:
+    """One task: search query shard ``k`` and write its part; return its number of rows."""
+    faiss.omp_set_num_threads(threads)
+    query_store, ref_store = _store(queries, query_revision), _store(references, revision)
+    searcher = make_searcher(conf, ref_store, None if index_path is None else Path(index_path))
+    out = part_path(Path(parts), k, query_store, ref_store)
+    return search_shard(k, query_store, ref_store, searcher, conf, out)
+
+
+def part_path(parts: Path, k: int, queries: ShardStore, references: ShardStore) -> Path:
+    """Query shard ``k``'s part, named after what it was searched in (the reference store's
+    revision, the removed queries of the shard)."""
+    removed = sorted(i for i in queries.shards[k] if queries.is_removed(i))
+    return parts / f"part_{k:05d}-{digest(references.revision, removed)}.csv"
 
 
 def candidates_path(conf: dict[str, Any], queries: Path, references: Path,
@@ -137,16 +184,36 @@ def main(
     sconf = conf[STAGE]
     run = start_run(work_dir, f"{STAGE}-{out.name}")
     with run:
-        faiss.omp_set_num_threads(resolve_n_jobs(conf["run"]["n_jobs"]))
-        parts = [out / "parts" / f"part_{k:05d}.csv" for k in range(len(query_store.shards))]
+        threads = resolve_n_jobs(conf["run"]["n_jobs"])
+        faiss.omp_set_num_threads(threads)
+        parts = [part_path(out / "parts", k, query_store, ref_store)
+                 for k in range(len(query_store.shards))]
         todo = [k for k, p in enumerate(parts) if not p.exists()]
-        run.logger.info("%d query shard(s), %d to search, index %s, k=%d, C=%d -> %s",
-                        len(parts), len(todo), sconf["index"], sconf["k"],
-                        sconf["candidates"], out)
-        if todo:
-            searcher = make_searcher(sconf, ref_store, root / references.name, features_name)
-            for k in tqdm(todo, desc="local search", unit="shard"):
-                search_shard(k, query_store, ref_store, searcher, sconf, parts[k])
+        gpu = use_gpu(sconf)
+        run.logger.info("%d query shard(s), %d to search, index %s%s, k=%d, C=%d, %d of %d "
+                        "references removed -> %s", len(parts), len(todo), sconf["index"],
+                        " (exact on GPUs)" if gpu else "", sconf["k"], sconf["candidates"],
+                        len(ref_store.removed), len(ref_store), out)
+        index_path = None
+        if todo and sconf["index"] != EXACT and not gpu:
+            index_path = ReferenceIndex(root / references.name, sconf, features_name).update(
+                ref_store)
+        on_dask = dask_client() is not None
+        task = functools.partial(
+            search_part, conf=sconf, queries=str(query_store.root),
+            query_revision=query_store.revision, references=str(ref_store.root),
+            revision=ref_store.revision,
+            index_path=None if index_path is None else str(index_path),
+            threads=1 if on_dask and not gpu else threads, parts=str(out / "parts"))
+        if gpu:  # every GPU of this node holds a share of the references: search here
+            for k in tqdm(todo, desc="local search (GPU)", unit="shard"):
+                task(k)
+        else:  # here with Faiss threads, or one task per Dask worker thread
+            for _ in parallel_map(task, todo, n_jobs=1, desc="local search", unit="shard"):
+                pass
+        for stale in (out / "parts").glob("part_*.csv"):
+            if stale not in parts:
+                stale.unlink()
         rows = [[r[c] for c in COLUMNS] for p in parts for r in read_csv(p)]
         candidates = write_csv(out / "candidates.csv", COLUMNS, rows)
         run.logger.info("%d candidate rows for %d query views", len(rows),

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from common import UserError, cli
-from common.config import REPO_ROOT, output_name
+from common.config import REPO_ROOT, digest, output_name
 from common.io import read_csv, write_csv
 from common.logs import start_run
 from common.parallel import limit_threads, parallel_map
@@ -67,8 +67,14 @@ def verify_chunk(
         row = result.row()
         row[FIELDS.index("dense_agree")] = f"{result.dense_agree:.4f}"
         rows.append([query_id, ref_id, view, votes, *row])
-    write_csv(out_dir / f"chunk_{index:05d}.csv", PAIR_COLUMNS, rows)
+    write_csv(chunk_path(out_dir, index, pairs), PAIR_COLUMNS, rows)
     return index
+
+
+def chunk_path(out_dir: Path, index: int, pairs: list[tuple[str, str, str, str]]) -> Path:
+    """A chunk's file, named after its pairs: a chunk whose pairs changed (references added
+    or removed upstream) is verified again, an unchanged one is reused."""
+    return out_dir / f"chunk_{index:05d}-{digest(pairs)}.csv"
 
 
 def verify_pairs(
@@ -78,7 +84,7 @@ def verify_pairs(
     """Verify ``pairs`` in resumable chunks under ``out_dir``; return all verified rows."""
     size = conf[STAGE]["chunk_pairs"]
     chunks = [(i, pairs[s:s + size]) for i, s in enumerate(range(0, len(pairs), size))]
-    parts = [out_dir / f"chunk_{i:05d}.csv" for i, _ in chunks]
+    parts = [chunk_path(out_dir, i, c) for i, c in chunks]
     todo = [c for c, p in zip(chunks, parts, strict=True) if not p.exists()]
     work = functools.partial(
         verify_chunk, queries=str(queries), references=str(references), conf=conf[STAGE],
@@ -87,6 +93,8 @@ def verify_pairs(
                           total=sum(len(c[1]) for c in todo),
                           weight=lambda i: len(chunks[i][1])):
         pass
+    for stale in set(out_dir.glob("chunk_*.csv")) - set(parts):
+        stale.unlink()
     return [row for p in parts for row in read_csv(p)]
 
 

@@ -1,0 +1,278 @@
+"""Scaling out: Dask execution, streamed exact search, incremental and removed references,
+one worker per GPU (CPU fallbacks)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from common import UserError
+from common.config import load_config
+from common.devices import claim_slot, gpu_n_jobs, worker_device
+from common.images import list_images
+from common.parallel import connect, execution, parallel_map
+from common.shards import ShardStore
+from local_fea import extract, search
+from local_fea.index import (
+    ExactSearch,
+    FlatIndex,
+    ReferenceIndex,
+    exact_search,
+    reference_blocks,
+    use_gpu,
+)
+from match_score import verify
+from tests.conftest import DATA, REPO_ROOT, python
+
+GT = {r["query_id"]: r["reference_id"] for r in csv.DictReader(
+    (DATA / "gt.csv").read_text().splitlines())}
+
+
+def _copy(names: list[str], src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copy(src / name, dst / name)
+    return dst
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.suffix in (".pkl", ".csv", ".json")}
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _pipeline(conf: dict, queries: Path, refs: Path, work: Path) -> tuple[Path, Path]:
+    """Extract, search and verify; return the candidates and the scored pairs."""
+    extract.main(conf, refs, work)
+    extract.main(conf, queries, work, mirror=True)
+    candidates = search.main(conf, queries, refs, work)
+    return candidates, verify.main(conf, queries, refs, work)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as local_cluster:
+        yield local_cluster
+
+
+@pytest.fixture(scope="module")
+def demo_sets(tmp_path_factory) -> tuple[Path, Path]:
+    """12 queries (8 copies) and 24 references of the demo set."""
+    root = tmp_path_factory.mktemp("demo")
+    queries = sorted(GT)[:12]
+    refs = {GT[q] for q in queries if GT[q]}
+    refs |= set(sorted({f"R{i:06d}" for i in range(40)} - refs)[:24 - len(refs)])
+    return (_copy([f"{q}.jpg" for q in queries], DATA / "queryimages", root / "queries"),
+            _copy([f"{r}.jpg" for r in sorted(refs)], DATA / "referenceimages",
+                  root / "references"))
+
+
+@pytest.mark.slow
+def test_dask_local_cluster_run_equals_local_run(cluster, demo_sets, tmp_path: Path) -> None:
+    queries, refs = demo_sets
+    conf = load_config(overrides=["run.shard_size=4", "run.n_jobs=2",
+                                  "match_score.chunk_pairs=16"])
+    local = _pipeline(conf, queries, refs, tmp_path / "local")
+    with execution({"scheduler": cluster.scheduler_address}) as client:
+        assert client is not None
+        on_dask = _pipeline(conf, queries, refs, tmp_path / "dask")
+    for a, b in zip(local, on_dask, strict=True):
+        assert a.read_bytes() == b.read_bytes()
+    for stage in ("local_fea", "local_search", "match_score"):
+        assert _files(tmp_path / "local" / stage) == _files(tmp_path / "dask" / stage)
+
+    # the command line: --scheduler on any stage
+    cmd = [python(), "-m", "local_fea.extract", "--images", str(refs), "--work",
+           str(tmp_path / "cli"), "-o", "run.shard_size=4",
+           "--scheduler", cluster.scheduler_address]
+    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Dask scheduler" in done.stderr
+    assert _files(tmp_path / "cli" / "local_fea") == {
+        k: v for k, v in _files(tmp_path / "local" / "local_fea").items()
+        if k.split("/")[1] == "references"}
+
+
+def test_unreachable_scheduler_is_a_one_line_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="cannot connect to the Dask scheduler"):
+        connect("tcp://127.0.0.1:9", timeout=1)
+    cmd = [python(), "-m", "local_fea.extract", "--images", str(DATA / "referenceimages"),
+           "--work", str(tmp_path), "--scheduler", "tcp://127.0.0.1:9",
+           "-o", "run.n_jobs=1"]
+    env = {**os.environ, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "1s"}
+    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 2 and "error: cannot connect to the Dask scheduler" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def demo_features(demo_sets, tmp_path_factory) -> tuple[ShardStore, ShardStore]:
+    queries, refs = demo_sets
+    conf = load_config(overrides=["run.shard_size=4", "run.n_jobs=2"])
+    work = tmp_path_factory.mktemp("features")
+    return (ShardStore(extract.main(conf, queries, work, mirror=True)),
+            ShardStore(extract.main(conf, refs, work)))
+
+
+def test_streamed_exact_search_equals_one_shot(demo_features) -> None:
+    query_store, ref_store = demo_features
+    queries = np.concatenate([np.asarray(query_store.load(k)["views"][v]["desc"]["data"])
+                              for k in range(2) for v in ("orig", "mirror")]).astype(np.float32)
+    flat = faiss.IndexFlatL2(128)
+    blocks = list(reference_blocks(ref_store, range(len(ref_store.shards))))
+    flat.add(np.concatenate([d for d, _ in blocks]))
+    all_ids = np.concatenate([i for _, i in blocks])
+    d_ref, i_ref = flat.search(queries, 10)
+    i_ref = all_ids[i_ref]
+    assert len(ref_store.shards) == 6 and len(queries) > 2000
+
+    streamed = ExactSearch(ref_store, 10, gpu=False, max_rows=3000, query_batch=500)
+    resident = ExactSearch(ref_store, 10, gpu=False, max_rows=10**9, query_batch=10**6)
+    for searcher in (streamed, resident, streamed):  # a second call gives the same again
+        dist, ids = searcher(queries)
+        np.testing.assert_allclose(dist, d_ref, rtol=1e-4, atol=1e-2)
+        ties = np.isclose(dist, d_ref[:, -1:], rtol=1e-4)  # the k-th distance may be tied
+        assert (ids == i_ref)[~ties].mean() > 0.999
+    assert streamed._resident is None and streamed._streams
+    assert resident._resident is not None and resident._resident.ntotal == len(all_ids)
+
+    dist, ids = exact_search(queries[:100], blocks, 10, gpu=False, query_batch=7)
+    np.testing.assert_allclose(dist, d_ref[:100], rtol=1e-4, atol=1e-2)
+
+
+def _search_files(work: Path) -> tuple[Path, Path]:
+    index_dir = next((work / "local_search").glob("*/references"), None)
+    return index_dir, next((work / "local_search").glob("*/queries-vs-references"))
+
+
+@pytest.mark.parametrize("index", ["IVF4096,PQ64x4fs", "Flat"])
+def test_incremental_add_gives_the_candidates_of_a_rebuild(demo_sets, tmp_path: Path,
+                                                           index: str) -> None:
+    queries, all_refs = demo_sets
+    names = sorted(p.name for p in all_refs.iterdir())
+    refs = _copy(names[:16], all_refs, tmp_path / "references")
+    conf = load_config(overrides=["run.shard_size=4", "run.n_jobs=2",
+                                  f"local_search.index={index}"])
+    work = tmp_path / "work"
+    extract.main(conf, queries, work, mirror=True)
+    extract.main(conf, refs, work)
+    before = _rows(search.main(conf, queries, refs, work))
+
+    _copy(names[16:], all_refs, refs)  # 8 more references: two new shards
+    extract.main(conf, refs, work)
+    store = ShardStore(next((work / "local_fea").glob("*/references")))
+    assert len(store.shards) == 6 and store.missing() == []
+    incremental = search.main(conf, queries, refs, work).read_bytes()
+    index_dir, out = _search_files(work)
+    parts = sorted((out / "parts").iterdir())
+    assert len(parts) == len(ShardStore(next((work / "local_fea").glob("*/queries"))).shards)
+    if index != "Flat":  # updated in place: only the two new shards were encoded
+        assert ReferenceIndex(index_dir, conf["local_search"], "").current()[0] == 6
+        assert [p.name for p in index_dir.iterdir()] == ["index-6.faiss"]
+        logs = "".join(p.read_text() for p in sorted((work / "runs").glob("*search*/run.log")))
+        assert logs.index("adding 4 reference shard(s)") < logs.index("adding 2 reference")
+
+    shutil.rmtree(work / "local_search")  # rebuild the index and search again from scratch
+    assert search.main(conf, queries, refs, work).read_bytes() == incremental
+    after = _rows(search.main(conf, queries, refs, work))
+    new_refs = {Path(n).stem for n in names[16:]}
+    assert not any(r["reference_id"] in new_refs for r in before)
+    found_new = {r["query_id"] for r in after if r["reference_id"] in new_refs
+                 and GT[r["query_id"]] == r["reference_id"]}
+    assert found_new == {q for q in GT if GT[q] in new_refs and (queries / f"{q}.jpg").exists()}
+
+
+@pytest.mark.parametrize("index", ["IVF4096,PQ64x4fs", "Flat"])
+def test_removed_references_leave_the_results(demo_sets, tmp_path: Path, index: str) -> None:
+    queries, all_refs = demo_sets
+    refs = _copy(sorted(p.name for p in all_refs.iterdir()), all_refs, tmp_path / "references")
+    conf = load_config(overrides=["run.shard_size=4", "run.n_jobs=2",
+                                  f"local_search.index={index}"])
+    work = tmp_path / "work"
+    first, first_pairs = _pipeline(conf, queries, refs, work)
+    rows = _rows(first)
+    gone = sorted({GT[q] for q in GT if GT[q] and any(r["reference_id"] == GT[q]
+                                                       for r in rows)})[:2]
+    assert len(gone) == 2
+    moved = tmp_path / "taken-down"
+    moved.mkdir()
+    for ref in gone:
+        shutil.move(refs / f"{ref}.jpg", moved / f"{ref}.jpg")
+    candidates, pairs = _pipeline(conf, queries, refs, work)
+    store = ShardStore(next((work / "local_fea").glob("*/references")))
+    assert store.removed == set(gone) and len(store) == 24  # features kept, ids listed
+    assert not any(r["reference_id"] in gone for r in _rows(candidates))
+    assert not any(r["reference_id"] in gone for r in _rows(pairs))
+    assert {r["query_id"] for r in _rows(pairs)} == {r["query_id"] for r in rows}
+    if index != "Flat":  # the index was not touched: removed images are filtered out
+        index_dir, _ = _search_files(work)
+        assert [p.name for p in index_dir.iterdir()] == ["index-6.faiss"]
+        assert ReferenceIndex(index_dir, conf["local_search"], "").current()[0] == 6
+
+    for ref in gone:  # back again: the same candidates as before
+        shutil.move(moved / f"{ref}.jpg", refs / f"{ref}.jpg")
+    candidates, pairs = _pipeline(conf, queries, refs, work)
+    assert ShardStore(store.root).removed == frozenset()
+    again = {(r["query_id"], r["view"], r["reference_id"]) for r in _rows(candidates)}
+    assert again == {(r["query_id"], r["view"], r["reference_id"]) for r in rows}
+    assert pairs.read_bytes() == first_pairs.read_bytes()
+
+
+def test_store_lists_images_gone_from_the_folder(photos: Path, tmp_path: Path) -> None:
+    store = ShardStore.plan(tmp_path / "store", list_images(photos), 4)
+    revision = store.revision
+    gone = sorted(photos.iterdir())[1]
+    gone.unlink()
+    store = ShardStore.plan(tmp_path / "store", list_images(photos), 4)
+    assert store.removed == {gone.stem} and len(store) == 6 and store.revision != revision
+    assert store.removed_numbers() == [1]
+    assert json.loads((store.root / "manifest.json").read_text())["removed"] == [gone.stem]
+    shutil.copy(sorted(photos.iterdir())[0], gone)
+    store = ShardStore.plan(tmp_path / "store", list_images(photos), 4)
+    assert store.removed == frozenset() and store.revision == revision
+
+
+def _claim(lock_dir: str) -> tuple[int, int]:
+    time.sleep(0.3)  # keep both workers busy so that each takes tasks
+    return os.getpid(), claim_slot(2, lock_dir)
+
+
+def test_each_worker_process_claims_its_own_gpu_slot(tmp_path: Path) -> None:
+    lock_dir = str(tmp_path / "locks")
+    results = list(parallel_map(_claim, [lock_dir] * 6, n_jobs=2))
+    slots = dict(results)
+    assert len(slots) == 2 and sorted(slots.values()) == [0, 1]
+    assert all(slots[pid] == slot for pid, slot in results)  # a process keeps its slot
+    assert claim_slot(2, lock_dir) in (0, 1)  # a third process shares one
+
+
+def test_without_gpus_everything_runs_on_cpu() -> None:
+    assert worker_device() == "cpu" and worker_device(False) == "cpu"
+    with pytest.raises(UserError, match="torch sees no CUDA device"):
+        worker_device(True)
+    assert gpu_n_jobs(3, 0) == 3 and gpu_n_jobs(3, 4) == 4
+    conf = load_config()["local_search"]
+    assert use_gpu(conf) is False
+    with pytest.raises(UserError, match="faiss sees no GPU"):
+        use_gpu({**conf, "gpu": True})
+    index = FlatIndex(gpu=True)  # asks for GPUs, finds none: one CPU index
+    index.add(np.eye(128, dtype=np.float32), np.arange(128) + 1000)
+    dist, ids = index.search(np.eye(128, dtype=np.float32)[:3], 2)
+    assert ids[:, 0].tolist() == [1000, 1001, 1002] and dist[:, 0].tolist() == [0, 0, 0]
+    assert ids.shape == (3, 2)
