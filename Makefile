@@ -19,7 +19,8 @@ ARGS = --work $(WORK) $(if $(CONFIG),--config $(CONFIG)) $(OPTS)
 SETS = --queries $(QUERY) --references $(REF)
 
 .PHONY: install demo all extract extract-references extract-queries search verify merge eval \
-	test lint bench train-index calibrate clean
+	global-extract global-search test lint bench bench-global train-index calibrate train-split \
+	train-global global-assets calibrate-fusion clean
 
 install: $(VENV)/.installed
 
@@ -49,7 +50,13 @@ search: extract
 verify: search
 	$(PY) -m match_score.verify $(SETS) $(ARGS)
 
-merge: verify
+global-extract: install
+	$(PY) -m global_fea.extract $(SETS) $(ARGS)
+
+global-search: global-extract
+	$(PY) -m global_fea.search $(SETS) $(ARGS)
+
+merge: verify global-search
 	$(PY) -m merge.fuse $(SETS) --out $(SUBMISSION) $(ARGS)
 
 eval: install
@@ -62,8 +69,11 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check .
 
-bench: install
+bench: bench-global
 	$(PY) -m bench.bench_local
+
+bench-global: install
+	$(PY) -m bench.bench_global
 
 # Models and indexes shipped in the repository, rebuilt from training photos (never references).
 train-index: install
@@ -71,6 +81,23 @@ train-index: install
 
 calibrate: install
 	$(PY) -m match_score.calibrate --photos $(TRAIN_PHOTOS) $(ARGS)
+
+# The training photos split by id: fit/ (descriptor, whitening, bank), calib/ (fusion).
+train-split: install
+	$(PY) -m data.split --photos $(TRAIN_PHOTOS) --out $(WORK)/trainsplit
+
+# SSCD-style fine-tuning of the global descriptor (CPU: small; GPU: --device cuda --workers 8).
+# The shipped global_fea/assets/sscd_lite0.safetensors was made with exactly this command.
+TRAIN_GLOBAL_ARGS ?= --steps 600 --batch 24 --image-size 160 --threads 2 --workers 1
+train-global: train-split
+	$(PY) -m global_fea.train --photos $(WORK)/trainsplit/fit --out $(WORK)/train-global \
+		$(TRAIN_GLOBAL_ARGS)
+
+global-assets: train-split
+	$(PY) -m global_fea.whiten --images $(WORK)/trainsplit/fit $(ARGS)
+
+calibrate-fusion: install
+	$(PY) -m merge.calibrate --photos $(TRAIN_PHOTOS) $(ARGS)
 
 clean:
 	rm -rf $(WORK)

@@ -4,8 +4,8 @@ Reference descriptors are identified by ``image_number << ROW_BITS | row`` (int6
 names its reference image without any side table. The CPU default is an IVF index from an
 ``index_factory`` string whose quantiser was trained on training photos (never on the
 references: ISC rule), shipped under ``local_fea/assets``. Exact search (``"Flat"``, and
-always when GPUs are visible) streams reference blocks through ``IndexFlatL2`` (fp16 on all
-GPUs) into a ``faiss.ResultHeap``, so memory is set by the block size, not the set size.
+always when GPUs are visible) streams reference blocks through ``common.knn.exact_search``
+(fp16 on all GPUs, merged in a result heap), so memory is set by the block size.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from common import UserError
+from common import UserError, knn
 from common.io import atomic_path
 from common.shards import ShardStore
 
@@ -40,11 +40,8 @@ def decode_images(ids: np.ndarray) -> np.ndarray:
 
 
 def use_gpu(conf: dict[str, Any]) -> bool:
-    """``gpu: auto`` uses GPUs whenever faiss sees one; ``true`` requires one."""
-    n = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-    if conf["gpu"] is True and n == 0:
-        raise UserError("local_search.gpu is true but faiss sees no GPU (faiss-gpu installed?)")
-    return bool(conf["gpu"]) and n > 0
+    """``local_search.gpu``: ``auto`` uses GPUs whenever faiss sees one; ``true`` requires one."""
+    return knn.use_gpu(conf, "local_search")
 
 
 def reference_blocks(
@@ -62,36 +59,11 @@ def reference_blocks(
         yield np.asarray(packed["data"], np.float32), ids
 
 
-def _flat_index(gpu: bool) -> faiss.Index:
-    index = faiss.IndexFlatL2(128)
-    if not gpu:
-        return index
-    options = faiss.GpuMultipleClonerOptions()
-    options.useFloat16 = True
-    options.shard = True
-    return faiss.index_cpu_to_all_gpus(index, co=options)
-
-
 def exact_search(
     queries: np.ndarray, blocks: Iterable[tuple[np.ndarray, np.ndarray]], k: int, gpu: bool
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact k-NN of ``queries`` over reference blocks, merged in a result heap."""
-    heap = faiss.ResultHeap(len(queries), k)
-    index = _flat_index(gpu)
-    for desc, ids in blocks:
-        if not len(desc):
-            continue
-        index.reset()
-        index.add(desc)
-        dist, idx = index.search(queries, min(k, len(desc)))
-        if dist.shape[1] < k:  # a block smaller than k: pad with empty results
-            pad = k - dist.shape[1]
-            dist = np.hstack([dist, np.full((len(dist), pad), np.inf, np.float32)])
-            idx = np.hstack([idx, np.full((len(idx), pad), -1, np.int64)])
-        heap.add_result(np.ascontiguousarray(dist, np.float32),
-                        np.ascontiguousarray(np.where(idx >= 0, ids[idx], -1), np.int64))
-    heap.finalize()
-    return heap.D, heap.I
+    """Exact k-NN (squared L2) of ``queries`` over reference blocks (``common.knn``)."""
+    return knn.exact_search(queries, blocks, k, gpu, knn.L2)
 
 
 def trained_index_path(conf: dict[str, Any], features_name: str) -> Path:
