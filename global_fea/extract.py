@@ -228,8 +228,9 @@ def write_h5(out: Path, stores: dict[str, ShardStore], codec: whiten.Codec, mirr
 def h5_path(conf: dict[str, Any], queries: Path, references: Path, work_dir: str | Path) -> Path:
     """Where the descriptors of two image sets go (folders or stores: named after them)."""
     section = conf[STAGE]
-    codec_name = output_name({"name": "{whitening}", "whitening": section["whitening"]},
-                             whiten.codec_digest(section))
+    keys = {"name": "{whitening}", "whitening": section["whitening"],
+            "mirror_queries": section["mirror_queries"]}
+    codec_name = output_name(keys, whiten.codec_digest(section))
     return (model_root(conf, work_dir) / codec_name
             / f"{Path(queries).resolve().name}-vs-{Path(references).resolve().name}" / H5)
 

@@ -117,8 +117,12 @@ def cap_rows(rows: list[list[str]], max_pairs: int) -> list[list[str]]:
 
 
 def search_root(conf: dict[str, Any], h5: Path, work_dir: str | Path) -> Path:
+    """Named after the settings and the h5's contents (its stores' stamp), so a set that
+    gained images, or other descriptors, never reuses old parts."""
     section = {k: v for k, v in conf[STAGE].items() if k not in NOT_IN_NAME}
-    upstream = f"{h5.parent.parent.parent.name}/{h5.parent.parent.name}"
+    with h5py.File(h5, "r") as f:
+        stamp = str(f.attrs.get("stores", ""))
+    upstream = f"{h5.parent.parent.parent.name}/{h5.parent.parent.name}/{stamp}"
     return Path(work_dir) / STAGE / output_name(section, upstream)
 
 

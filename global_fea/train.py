@@ -67,7 +67,8 @@ class TrainConf:
     weight_decay: float = 1e-4
     warmup: int = 100
     temperature: float = 0.05
-    entropy_weight: float = 30.0
+    entropy_weight: float = 10.0
+    freeze: float = 0.0  # fraction of the backbone's tensors, from the input on, kept fixed
     p_clean: float = 0.5
     max_edits: int = 3
     seed: int = 0
@@ -145,18 +146,23 @@ def lr_at(step: int, conf: TrainConf) -> float:
 
 
 def make_model(conf: TrainConf) -> GlobalDescriptor:
+    """The descriptor with its initial weights; the first ``freeze`` of the backbone's
+    tensors (stem and early blocks: generic edges and textures) are not trained."""
     model = GlobalDescriptor(conf.model_conf())
     source = weights.resolve(conf.init)
     if source == weights.IMAGENET:
         weights.load_imagenet(model.backbone, conf.arch)
     elif source != weights.RANDOM:
         weights.load_checkpoint(model, source)
+    params = list(model.backbone.parameters())
+    for p in params[:int(conf.freeze * len(params))]:
+        p.requires_grad_(False)
     return model
 
 
 def make_optimizer(model: GlobalDescriptor, conf: TrainConf) -> torch.optim.Optimizer:
     return torch.optim.AdamW([
-        {"params": model.backbone.parameters(), "lr": conf.lr},
+        {"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": conf.lr},
         {"params": model.head.parameters(), "lr": conf.head_lr},
     ], weight_decay=conf.weight_decay)
 

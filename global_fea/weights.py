@@ -21,6 +21,7 @@ Nothing is downloaded: ``timm.create_model`` is always called with ``pretrained=
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -75,6 +76,12 @@ def digest(spec: str) -> str:
     if source == RANDOM:
         return RANDOM
     path = imagenet_checkpoint() if source == IMAGENET else source
+    stat = path.stat()
+    return _file_digest(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     sha = hashlib.sha1()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
