@@ -19,7 +19,8 @@ ARGS = --work $(WORK) $(if $(CONFIG),--config $(CONFIG)) $(OPTS)
 SETS = --queries $(QUERY) --references $(REF)
 
 .PHONY: install demo all extract extract-references extract-queries search verify merge eval \
-	test lint bench bench-scale capacity train-index calibrate clean
+	global-extract global-search test lint bench bench-global bench-scale capacity train-index \
+	calibrate train-split train-global global-assets calibrate-fusion clean
 
 install: $(VENV)/.installed
 
@@ -49,7 +50,13 @@ search: extract
 verify: search
 	$(PY) -m match_score.verify $(SETS) $(ARGS)
 
-merge: verify
+global-extract: install
+	$(PY) -m global_fea.extract $(SETS) $(ARGS)
+
+global-search: global-extract
+	$(PY) -m global_fea.search $(SETS) $(ARGS)
+
+merge: verify global-search
 	$(PY) -m merge.fuse $(SETS) --out $(SUBMISSION) $(ARGS)
 
 eval: install
@@ -62,7 +69,7 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check .
 
-bench: install
+bench: bench-global
 	$(PY) -m bench.bench_local
 
 # Search time and memory against the number of references (1x-100x the devset, hours on one
@@ -73,12 +80,32 @@ bench-scale: install
 capacity: install
 	$(PY) -m bench.capacity_plan --work $(WORK)
 
+bench-global: install
+	$(PY) -m bench.bench_global
+
 # Models and indexes shipped in the repository, rebuilt from training photos (never references).
 train-index: install
 	$(PY) -m local_fea.train_index --images $(TRAIN_PHOTOS) $(ARGS)
 
 calibrate: install
 	$(PY) -m match_score.calibrate --photos $(TRAIN_PHOTOS) $(ARGS)
+
+# The training photos split by id: fit/ (descriptor, whitening, bank), calib/ (fusion).
+train-split: install
+	$(PY) -m data.split --photos $(TRAIN_PHOTOS) --out $(WORK)/trainsplit
+
+# SSCD-style fine-tuning of the global descriptor (CPU: small; GPU: --device cuda --workers 8).
+# Use the result with -o global_fea.weights=$(WORK)/train-global/descriptor.safetensors.
+TRAIN_GLOBAL_ARGS ?= --steps 600 --batch 24 --image-size 160 --threads 2 --workers 1
+train-global: train-split
+	$(PY) -m global_fea.train --photos $(WORK)/trainsplit/fit --out $(WORK)/train-global \
+		$(TRAIN_GLOBAL_ARGS)
+
+global-assets: train-split
+	$(PY) -m global_fea.whiten --images $(WORK)/trainsplit/fit $(ARGS)
+
+calibrate-fusion: install
+	$(PY) -m merge.calibrate --photos $(TRAIN_PHOTOS) $(ARGS)
 
 clean:
 	rm -rf $(WORK)

@@ -21,14 +21,14 @@ import logging
 import re
 import threading
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 
-from common import UserError
+from common import UserError, knn
+from common.devices import faiss_gpus
 from common.io import atomic_path
 from common.shards import ShardStore
 
@@ -37,8 +37,6 @@ log = logging.getLogger(__name__)
 ROW_BITS = 20
 EXACT = "Flat"
 DIM = 128
-QUERY_BATCH = 65536  # query descriptors per search call: bounds faiss' result buffers
-GPU_CELL_ROWS = 1 << 22  # descriptors per GPU flat index (1 GiB in float16): adds stay cheap
 
 
 def encode_ids(image_number: int, n: int) -> np.ndarray:
@@ -50,16 +48,9 @@ def decode_images(ids: np.ndarray) -> np.ndarray:
     return np.where(ids >= 0, ids >> ROW_BITS, -1)
 
 
-def num_gpus() -> int:
-    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-
-
 def use_gpu(conf: dict[str, Any]) -> bool:
-    """``gpu: auto`` uses GPUs whenever faiss sees one; ``true`` requires one."""
-    n = num_gpus()
-    if conf["gpu"] is True and n == 0:
-        raise UserError("local_search.gpu is true but faiss sees no GPU (faiss-gpu installed?)")
-    return bool(conf["gpu"]) and n > 0
+    """``local_search.gpu``: ``auto`` uses GPUs whenever faiss sees one; ``true`` requires one."""
+    return knn.use_gpu(conf, "local_search")
 
 
 def shard_descriptors(
@@ -94,152 +85,39 @@ def reference_blocks(
         yield shard_descriptors(store, k)
 
 
-class FlatIndex:
-    """Exact L2 k-NN over descriptors added block by block, with their int64 ids.
-
-    On CPU one ``IndexFlatL2``. With ``gpu``, float16 ``GpuIndexFlatL2`` cells of at most
-    ``GPU_CELL_ROWS`` descriptors spread evenly over every visible GPU (faiss' multi-GPU
-    sharding, with bounded cells so that adding never reallocates a whole GPU's data); each
-    GPU is searched by its own thread and the results merged.
-    """
-
-    def __init__(self, gpu: bool = False):
-        self.n_devices = num_gpus() if gpu else 0
-        self.resources = [faiss.StandardGpuResources() for _ in range(self.n_devices)]
-        self.cells: list[list[tuple[faiss.Index, list[np.ndarray]]]] = [
-            [] for _ in range(max(1, self.n_devices))]
-        self.ntotal = 0
-
-    def _new_cell(self, device: int) -> faiss.Index:
-        if not self.n_devices:
-            return faiss.IndexFlatL2(DIM)
-        config = faiss.GpuIndexFlatConfig()
-        config.device = device
-        config.useFloat16 = True
-        return faiss.GpuIndexFlatL2(self.resources[device], DIM, config)
-
-    def _rows(self, device: int) -> int:
-        return sum(cell.ntotal for cell, _ in self.cells[device])
-
-    def add(self, desc: np.ndarray, ids: np.ndarray) -> None:
-        """Add descriptors (float32, n x 128) with their ids, to the least-filled device."""
-        start = 0
-        while start < len(desc):
-            device = min(range(len(self.cells)), key=self._rows)
-            cells = self.cells[device]
-            if not cells or (self.n_devices and cells[-1][0].ntotal >= GPU_CELL_ROWS):
-                cells.append((self._new_cell(device), []))
-            cell, cell_ids = cells[-1]
-            room = GPU_CELL_ROWS - cell.ntotal if self.n_devices else len(desc)
-            stop = min(len(desc), start + room)
-            cell.add(np.ascontiguousarray(desc[start:stop], np.float32))
-            cell_ids.append(np.asarray(ids[start:stop], np.int64))
-            self.ntotal += stop - start
-            start = stop
-
-    def reset(self) -> None:
-        """Drop every cell, freeing its memory (host or GPU)."""
-        for cells in self.cells:
-            cells.clear()
-        self.ntotal = 0
-
-    def finish(self) -> FlatIndex:
-        """Join each cell's id arrays once (searching works without it, just slower)."""
-        for cells in self.cells:
-            for _, cell_ids in cells:
-                if len(cell_ids) > 1:
-                    cell_ids[:] = [np.concatenate(cell_ids)]
-        return self
-
-    def _search_device(self, device: int, queries: np.ndarray, k: int):
-        heap = faiss.ResultHeap(len(queries), k)
-        for cell, cell_ids in self.cells[device]:
-            if cell.ntotal == 0:
-                continue
-            ids = cell_ids[0] if len(cell_ids) == 1 else np.concatenate(cell_ids)
-            dist, idx = cell.search(queries, min(k, cell.ntotal))
-            heap.add_result(dist, np.where(idx >= 0, ids[np.maximum(idx, 0)], -1))
-        heap.finalize()
-        return heap.D, heap.I
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """k nearest (squared L2 distance, id) of each query; missing neighbours are -1."""
-        queries = np.ascontiguousarray(queries, np.float32)
-        devices = range(len(self.cells))
-        if len(self.cells) == 1:
-            return self._search_device(0, queries, k)
-        with ThreadPoolExecutor(len(self.cells)) as pool:  # one thread per GPU
-            parts = list(pool.map(lambda d: self._search_device(d, queries, k), devices))
-        heap = faiss.ResultHeap(len(queries), k)
-        for dist, idx in parts:
-            heap.add_result(dist, idx)
-        heap.finalize()
-        return heap.D, heap.I
-
-
-class QueryHeaps:
-    """k-NN results of a query set over several reference blocks, searched in query batches."""
-
-    def __init__(self, queries: np.ndarray, k: int, batch: int = QUERY_BATCH):
-        self.queries, self.k = np.ascontiguousarray(queries, np.float32), k
-        self.batches = [(s, min(s + batch, len(queries)))
-                        for s in range(0, len(queries), max(1, batch))]
-        self.heaps = [faiss.ResultHeap(stop - start, k) for start, stop in self.batches]
-
-    def add(self, index: FlatIndex) -> None:
-        """Merge the k-NN of every query batch in ``index`` (one reference block)."""
-        if index.ntotal == 0:
-            return
-        for (start, stop), heap in zip(self.batches, self.heaps, strict=True):
-            heap.add_result(*index.search(self.queries[start:stop], self.k))
-
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
-        for heap in self.heaps:
-            heap.finalize()
-        if not self.heaps:
-            return np.zeros((0, self.k), np.float32), np.zeros((0, self.k), np.int64)
-        return (np.concatenate([h.D for h in self.heaps]),
-                np.concatenate([h.I for h in self.heaps]))
-
-
 def exact_search(
     queries: np.ndarray, blocks: Iterable[tuple[np.ndarray, np.ndarray]], k: int, gpu: bool,
-    query_batch: int = QUERY_BATCH,
+    query_batch: int = knn.QUERY_BATCH,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact k-NN of ``queries`` over (descriptors, ids) blocks, merged in result heaps."""
-    heaps, index = QueryHeaps(queries, k, query_batch), FlatIndex(gpu)
-    for desc, ids in blocks:
-        index.add(desc, ids)
-        heaps.add(index.finish())
-        index.reset()
-    return heaps.result()
+    """Exact k-NN (squared L2) of ``queries`` over reference blocks (``common.knn``)."""
+    return knn.exact_search(queries, blocks, k, gpu, knn.L2, query_batch)
 
 
 def block_rows(conf: dict[str, Any], gpu: bool) -> int:
     """Reference descriptors one exact-search block holds: ``block_mb`` of host memory as
     float32, or ``gpu_block_mb`` per GPU as float16."""
     if gpu:
-        return conf["gpu_block_mb"] * 2**20 // (2 * DIM) * num_gpus()
+        return conf["gpu_block_mb"] * 2**20 // (2 * DIM) * faiss_gpus()
     return conf["block_mb"] * 2**20 // (4 * DIM)
 
 
 class ExactSearch:
     """Exact k-NN over a reference store: its shards are gathered into blocks of at most
-    ``max_rows`` descriptors, each loaded into a ``FlatIndex`` and searched by every query
+    ``max_rows`` descriptors, each loaded into a ``knn.FlatIndex`` and searched by every query
     batch. When the whole store fits in one block, that block is kept for later calls
     (resident: on GPUs this is how a whole reference set is searched from GPU memory)."""
 
     def __init__(self, store: ShardStore, k: int, gpu: bool, max_rows: int,
-                 query_batch: int = QUERY_BATCH):
+                 query_batch: int = knn.QUERY_BATCH):
         self.store, self.k, self.gpu = store, k, gpu
         self.max_rows, self.query_batch = max(1, max_rows), query_batch
-        self._resident: FlatIndex | None = None
+        self._resident: knn.FlatIndex | None = None
         self._streams = False
         self._lock = threading.Lock()
 
-    def _blocks(self) -> Iterator[tuple[FlatIndex, bool]]:
+    def _blocks(self) -> Iterator[tuple[knn.FlatIndex, bool]]:
         """(filled index, whether it holds the whole store), block after block."""
-        index, whole = FlatIndex(self.gpu), True
+        index, whole = knn.FlatIndex(DIM, self.gpu), True
         for k in range(len(self.store.shards)):
             desc, ids = shard_descriptors(self.store, k)
             if index.ntotal and index.ntotal + len(desc) > self.max_rows:
@@ -250,7 +128,7 @@ class ExactSearch:
             del desc, ids
         yield index.finish(), whole
 
-    def _indexes(self) -> Iterator[FlatIndex]:
+    def _indexes(self) -> Iterator[knn.FlatIndex]:
         first = None
         with self._lock:  # the first call decides whether the store stays loaded
             if self._resident is None and not self._streams:
@@ -271,7 +149,7 @@ class ExactSearch:
         yield from (index for index, _ in self._blocks())
 
     def __call__(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        heaps = QueryHeaps(queries, self.k, self.query_batch)
+        heaps = knn.QueryHeaps(queries, self.k, self.query_batch)
         for index in self._indexes():
             heaps.add(index)
         return heaps.result()
@@ -338,7 +216,7 @@ class IndexSearch:
     ``IDSelector`` in the search parameters: the index itself is never edited)."""
 
     def __init__(self, index: faiss.Index, k: int, nprobe: int, exclude: np.ndarray,
-                 query_batch: int = QUERY_BATCH):
+                 query_batch: int = knn.QUERY_BATCH):
         self.index, self.k, self.query_batch, self.params = index, k, query_batch, None
         set_nprobe(index, nprobe)
         if len(exclude):

@@ -19,12 +19,12 @@ from common import UserError
 from common.config import load_config
 from common.devices import claim_slot, gpu_n_jobs, worker_device
 from common.images import list_images
+from common.knn import FlatIndex
 from common.parallel import connect, execution, parallel_map
 from common.shards import ShardStore
 from local_fea import extract, search
 from local_fea.index import (
     ExactSearch,
-    FlatIndex,
     ReferenceIndex,
     exact_search,
     reference_blocks,
@@ -271,7 +271,7 @@ def test_without_gpus_everything_runs_on_cpu() -> None:
     assert use_gpu(conf) is False
     with pytest.raises(UserError, match="faiss sees no GPU"):
         use_gpu({**conf, "gpu": True})
-    index = FlatIndex(gpu=True)  # asks for GPUs, finds none: one CPU index
+    index = FlatIndex(128, gpu=True)  # asks for GPUs, finds none: one CPU index
     index.add(np.eye(128, dtype=np.float32), np.arange(128) + 1000)
     dist, ids = index.search(np.eye(128, dtype=np.float32)[:3], 2)
     assert ids[:, 0].tolist() == [1000, 1001, 1002] and dist[:, 0].tolist() == [0, 0, 0]

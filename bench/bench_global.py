@@ -1,0 +1,93 @@
+"""Global descriptor extraction throughput on CPU: the stage against a bare timm forward pass.
+
+    python -m bench.bench_global [--images DIR] [--n 192] [--repeats 3] [--threads 2]
+
+Both run in this process, on the same images, with the same number of threads:
+
+- bare: for each batch, PIL decode + RGB + resize to S x S, a tensor, normalisation, and
+  the timm model's forward pass with GeM pooling (what any script would do);
+- stage: ``global_fea.extract.extract_set`` into a fresh work folder (robust decoding,
+  DataLoader, shards written atomically, skip reports, logs).
+
+Runs alternate (bare, stage, bare, stage, ...) and each side keeps its best time, so load
+from other processes hurts both alike; the ratio stage/bare is the stage's overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from common.config import REPO_ROOT, load_config
+from common.images import list_images
+from global_fea import extract, weights
+from global_fea.model import gem
+
+
+def bare_pass(paths: list[Path], model, size: int, batch: int, mean, std) -> int:
+    """Decode, resize and describe ``paths`` in batches; return the number described."""
+    done = 0
+    mean = torch.tensor(mean).view(1, 3, 1, 1)
+    std = torch.tensor(std).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        for start in range(0, len(paths), batch):
+            arrays = [np.asarray(Image.open(p).convert("RGB").resize((size, size)))
+                      for p in paths[start:start + batch]]
+            x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
+            feats = model.forward_features((x - mean) / std)
+            done += len(gem(feats, 3.0, (2, 3)))
+    return done
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=Path, default=REPO_ROOT / "data" / "referenceimages")
+    parser.add_argument("--n", type=int, default=192, help="images (cycled if the folder "
+                        "has fewer)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    conf = load_config(overrides=[f"run.n_jobs={args.threads}", "global_fea.device=cpu"])
+    section = conf["global_fea"]
+    torch.set_num_threads(args.threads)
+    sources = list(list_images(args.images).paths)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_global-"))
+    try:
+        folder = tmp / "images"
+        folder.mkdir()
+        paths = []
+        for i in range(args.n):  # distinct files, so nothing is cached by name
+            src = sources[i % len(sources)]
+            paths.append(folder / f"{i:05d}{src.suffix}")
+            shutil.copy(src, paths[-1])
+        model = weights.build(section).backbone
+        size, batch = section["image_size"], section["batch_size"]
+        bare_pass(paths[:batch], model, size, batch, section["mean"], section["std"])  # warm-up
+        best = {"bare": np.inf, "stage": np.inf}
+        for r in range(args.repeats):
+            start = time.perf_counter()
+            bare_pass(paths, model, size, batch, section["mean"], section["std"])
+            best["bare"] = min(best["bare"], time.perf_counter() - start)
+            work = tmp / f"work{r}"
+            start = time.perf_counter()
+            extract.extract_set(conf, folder, work)
+            best["stage"] = min(best["stage"], time.perf_counter() - start)
+        print(f"{args.n} images, {section['arch']} at {size} px, {args.threads} threads, "
+              f"best of {args.repeats}")
+        for name, seconds in best.items():
+            print(f"{name:6s} {seconds:7.2f} s  {args.n / seconds:6.1f} images/s")
+        print(f"stage / bare = {best['stage'] / best['bare']:.3f} "
+              f"(overhead {100 * (best['stage'] / best['bare'] - 1):+.1f}%)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Split a training photo folder into two disjoint parts, as folders of symbolic links.
+
+    python -m data.split --photos ../shared/trainset/photos --out work/trainsplit
+
+- ``fit/``: what models are fitted on: the global descriptor's fine-tuning, its whitening
+  and the bank of training descriptors that scores are normalised against;
+- ``calib/``: the photos the fusion is calibrated on (``merge.calibrate`` builds copy pairs
+  from them). They must be unseen by the global branch, or calibration would see a copy's
+  source photo among the query's nearest training photos and learn wrong weights.
+
+A photo's part depends only on its id (a hash of the file stem), so the split is the same on
+every machine and stable when photos are added.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+from pathlib import Path
+
+from common.images import list_images
+
+PARTS = ("fit", "calib")
+
+
+def part_of(image_id: str, calib_fraction: float) -> str:
+    """``calib`` for about ``calib_fraction`` of the ids, ``fit`` for the others."""
+    h = int.from_bytes(hashlib.sha1(image_id.encode()).digest()[:8], "big") / 2.0**64
+    return "calib" if h < calib_fraction else "fit"
+
+
+def split_photos(photos: str | Path, out: str | Path,
+                 calib_fraction: float = 1 / 3) -> dict[str, Path]:
+    """Make ``out/fit`` and ``out/calib`` (links to the photos); return both folders."""
+    images, out = list_images(photos), Path(out)
+    folders = {p: out / p for p in PARTS}
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    wanted = {}
+    for image_id, path in zip(images.ids, images.paths, strict=True):
+        wanted[folders[part_of(image_id, calib_fraction)] / path.name] = path.resolve()
+    for folder in folders.values():  # links of photos no longer there, or moved parts
+        for link in folder.iterdir():
+            if link not in wanted:
+                link.unlink()
+    for link, target in wanted.items():
+        if not link.is_symlink() or Path(os.readlink(link)) != target:
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(target)
+    return folders
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--photos", required=True, type=Path, help="training photos")
+    parser.add_argument("--out", required=True, type=Path, help="folder for fit/ and calib/")
+    parser.add_argument("--calib-fraction", type=float, default=1 / 3)
+    args = parser.parse_args(argv)
+    for part, folder in split_photos(args.photos, args.out, args.calib_fraction).items():
+        print(f"{part}: {len(list(folder.iterdir()))} photos in {folder}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""Stage: global descriptors of a query and a reference folder, as an ISC descriptor h5.
+
+    python -m global_fea.extract --queries data/queryimages --references data/referenceimages
+
+Each image folder gets a resumable store of raw descriptors (``common.shards.ShardStore``:
+one joblib shard per ``run.shard_size`` images, written atomically; a restarted run
+computes only what is missing) under ``<work>/global_fea/<model>/<set>/``. Queries are also
+described mirrored (``global_fea.mirror_queries``). The descriptors are then whitened
+(``global_fea.whitening``, trained on training photos) and written, streamed shard by shard,
+to one HDF5 file in the ISC2021 descriptor-track layout:
+
+- ``query`` (n_q, d) float32 and ``query_ids`` (n_q,) strings, sorted by id;
+- ``reference`` (n_r, d) float32 and ``reference_ids``, sorted by id;
+- ``query_mirror`` (n_q, d), the mirrored queries' descriptors, when described.
+
+Unreadable images are skipped (logged and listed in the store's ``skipped.csv``) and are not
+in the h5. The file is written to a temporary name and renamed, so it is complete or absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from common import UserError, cli
+from common.config import digest, output_name
+from common.images import ImageError, ImageSet, list_images, read_image
+from common.io import atomic_path, dump_joblib
+from common.logs import RunLog, start_run
+from common.parallel import resolve_n_jobs
+from common.shards import ShardStore
+from global_fea import weights, whiten
+from global_fea.model import GlobalDescriptor
+from local_fea.extract import write_store_skips
+
+STAGE = "global_fea"
+H5 = "descriptors.h5"
+# Workers are spawned, not forked: a fork of a process whose OpenMP threads have run (Faiss,
+# OpenCV, torch) can deadlock in the child.
+SPAWN = "spawn"
+
+
+def model_root(conf: dict[str, Any], work_dir: str | Path) -> Path:
+    """Folder of every image set's raw descriptors made with this model."""
+    return Path(work_dir) / STAGE / weights.model_name(conf[STAGE])
+
+
+def device_of(section: dict[str, Any]) -> torch.device:
+    """``global_fea.device``: ``auto`` is the first GPU when torch sees one, else the CPU."""
+    name = section["device"]
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"global_fea.device={name} but torch sees no GPU")
+    return torch.device(name)
+
+
+def loader_workers(section: dict[str, Any], device: torch.device, n_jobs: int | None) -> int:
+    """DataLoader workers: ``global_fea.workers``, or (auto) half the cores on CPU, where the
+    forward pass needs the others, and all of them (up to 8) next to a GPU."""
+    if section["workers"] != "auto":
+        return int(section["workers"])
+    cores = resolve_n_jobs(n_jobs)
+    return min(8, cores) if device.type == "cuda" else max(1, cores // 2)
+
+
+def load_square(path: str, size: int, max_pixels: int) -> np.ndarray:
+    """An RGB image resized to ``size`` x ``size`` (JPEGs decoded at a reduced scale)."""
+    rgb, _ = read_image(path, "RGB", min_side=size, max_pixels=max_pixels)
+    h, w = rgb.shape[:2]
+    shrink = h >= size and w >= size
+    return cv2.resize(rgb, (size, size),
+                      interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+class ImageFolderData(Dataset):
+    """(uint8 tensor (3, S, S), reason) per path; an unusable image gives zeros and its reason."""
+
+    def __init__(self, paths: Sequence[str], size: int, max_pixels: int):
+        self.paths, self.size, self.max_pixels = list(paths), size, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        cv2.setNumThreads(1)
+        try:
+            img, reason = load_square(self.paths[i], self.size, self.max_pixels), ""
+        except ImageError as err:
+            img, reason = np.zeros((self.size, self.size, 3), np.uint8), str(err)
+        return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))), reason
+
+
+def describe_batches(
+    model: GlobalDescriptor, paths: Sequence[str], section: dict[str, Any], mirror: bool,
+    device: torch.device, workers: int,
+) -> Iterator[tuple[np.ndarray, np.ndarray | None, list[str]]]:
+    """(descriptors, mirrored descriptors or None, reasons) per batch of ``paths``, in order."""
+    data = ImageFolderData(paths, section["image_size"], section["max_pixels"])
+    loader = DataLoader(data, batch_size=section["batch_size"], num_workers=workers,
+                        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+                        multiprocessing_context=SPAWN if workers else None)
+    autocast = (torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    with torch.inference_mode(), autocast:
+        for images, reasons in loader:
+            x = model.preprocess(images)
+            desc = model(x).float().cpu().numpy()
+            flipped = model(x.flip(3)).float().cpu().numpy() if mirror else None
+            yield desc, flipped, list(reasons)
+
+
+def shard_needs(store: ShardStore, k: int, mirror: bool) -> bool:
+    """Shard ``k`` is missing, or lacks the mirrored descriptors now asked for."""
+    return not store.shard_path(k).exists() or (mirror and "mirror" not in store.load(k))
+
+
+def extract_set(
+    conf: dict[str, Any], images: str | Path | ImageSet, work_dir: str | Path,
+    mirror: bool = False, set_name: str | None = None,
+) -> Path:
+    """Describe every image of ``images`` into its raw descriptor store; return the store."""
+    section = conf[STAGE]
+    image_set = images if isinstance(images, ImageSet) else list_images(images, set_name)
+    root = model_root(conf, work_dir) / image_set.name
+    run = start_run(work_dir, f"{STAGE}.extract-{image_set.name}")
+    with run:
+        store = ShardStore.plan(root, image_set, conf["run"]["shard_size"])
+        todo = [k for k in range(len(store.shards)) if shard_needs(store, k, mirror)]
+        run.logger.info("%s: %d images in %d shards, %d to describe -> %s", image_set.name,
+                        len(store), len(store.shards), len(todo), root)
+        if todo:
+            describe_shards(store, todo, section, conf["run"]["n_jobs"], mirror, run)
+        skipped = write_store_skips(store)
+        run.logger.info("%s: %d of %d images skipped in all (%s)", image_set.name, skipped,
+                        len(store), root / "skipped.csv")
+    return root
+
+
+def describe_shards(store: ShardStore, todo: list[int], section: dict[str, Any],
+                    n_jobs: int | None, mirror: bool, run: RunLog) -> None:
+    """Describe the images of shards ``todo``; write each shard as soon as it is complete."""
+    from tqdm import tqdm
+
+    device = device_of(section)
+    if device.type == "cpu":
+        torch.set_num_threads(resolve_n_jobs(n_jobs))
+    model = weights.build(section).to(device)
+    tasks = store.tasks(todo)
+    paths = [p for t in tasks for p in t.paths]
+    batches = describe_batches(model, paths, section, mirror, device,
+                               loader_workers(section, device, n_jobs))
+    pending: dict[str, list] = {"desc": [], "mirror": [], "status": []}
+    task_iter = iter(tasks)
+    task = next(task_iter)
+    with tqdm(total=len(paths), desc=f"global {store.root.name}", unit="img",
+              dynamic_ncols=True, mininterval=0.5) as bar:
+        for desc, flipped, reasons in batches:
+            pending["desc"] += list(desc)
+            pending["mirror"] += list(flipped) if flipped is not None else []
+            pending["status"] += reasons
+            bar.update(len(reasons))
+            while task is not None and len(pending["status"]) >= len(task.ids):
+                n = len(task.ids)
+                payload = {"ids": list(task.ids), "status": pending["status"][:n],
+                           "desc": np.stack(pending["desc"][:n]).astype(np.float32)}
+                if mirror:
+                    payload["mirror"] = np.stack(pending["mirror"][:n]).astype(np.float32)
+                dump_joblib(payload, task.out)
+                for image_id, path, reason in zip(task.ids, task.paths, payload["status"],
+                                                  strict=True):
+                    if reason:
+                        run.skip(image_id, path, reason)
+                pending = {key: rows[n:] for key, rows in pending.items()}
+                task = next(task_iter, None)
+
+
+def valid_rows(store: ShardStore) -> Iterator[tuple[int, list[int], list[str]]]:
+    """(shard, rows, ids) of the described (not skipped) images of each shard."""
+    for k in range(len(store.shards)):
+        shard = store.load(k)
+        rows = [r for r, s in enumerate(shard["status"]) if not s]
+        yield k, rows, [shard["ids"][r] for r in rows]
+
+
+def sorted_ids(store: ShardStore) -> list[str]:
+    return sorted(i for _, _, ids in valid_rows(store) for i in ids)
+
+
+def write_h5(out: Path, stores: dict[str, ShardStore], codec: whiten.Codec, mirror: bool,
+             attrs: dict[str, str]) -> Path:
+    """Whiten the stores' descriptors and write the ISC h5 (module docstring), atomically."""
+    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs.update(attrs)
+        for role, store in stores.items():
+            ids = sorted_ids(store)
+            position = {image_id: i for i, image_id in enumerate(ids)}
+            keys = ["desc", "mirror"] if role == "query" and mirror else ["desc"]
+            sets = {}
+            for key in keys:
+                name = role if key == "desc" else f"{role}_mirror"
+                dim = codec.out_dim(np.asarray(store.load(0)[key]).shape[1]) if ids else 0
+                sets[key] = f.create_dataset(name, (len(ids), dim), np.float32,
+                                             chunks=(max(1, min(len(ids), 4096)), max(dim, 1)))
+            f.create_dataset(f"{role}_ids", data=np.array(ids, dtype=object),
+                             dtype=h5py.string_dtype())
+            for k, rows, shard_ids in valid_rows(store):
+                if not rows:
+                    continue
+                where = np.array([position[i] for i in shard_ids])
+                order = np.argsort(where)
+                shard = store.load(k)
+                for key, dataset in sets.items():
+                    x = codec.apply(np.asarray(shard[key])[rows][order])
+                    dataset[where[order]] = x
+    return out
+
+
+def h5_path(conf: dict[str, Any], queries: Path, references: Path, work_dir: str | Path) -> Path:
+    """Where the descriptors of two image sets go (folders or stores: named after them)."""
+    section = conf[STAGE]
+    keys = {"name": "{whitening}", "whitening": section["whitening"],
+            "mirror_queries": section["mirror_queries"]}
+    codec_name = output_name(keys, whiten.codec_digest(section))
+    return (model_root(conf, work_dir) / codec_name
+            / f"{Path(queries).resolve().name}-vs-{Path(references).resolve().name}" / H5)
+
+
+def main(conf: dict[str, Any], queries: str | Path, references: str | Path,
+         work_dir: str | Path, set_names: tuple[str | None, str | None] = (None, None)) -> Path:
+    """Describe the queries (and their mirror images) and the references (sets named after
+    their folders, or ``set_names``); write the h5 and return its path."""
+    section = conf[STAGE]
+    codec = whiten.load_codec(section)  # fails early when the whitening is not trained
+    mirror = bool(section["mirror_queries"])
+    q_root = extract_set(conf, queries, work_dir, mirror=mirror, set_name=set_names[0])
+    r_root = extract_set(conf, references, work_dir, set_name=set_names[1])
+    stores = {"query": ShardStore(q_root), "reference": ShardStore(r_root)}
+    out = h5_path(conf, q_root, r_root, work_dir)
+    stamp = digest([s.manifest["shards"] for s in stores.values()], mirror, codec.label)
+    if out.exists():
+        with h5py.File(out, "r") as f:
+            if f.attrs.get("stores") == stamp:
+                return out
+    return write_h5(out, stores, codec, mirror, {"stores": stamp, "whitening": codec.label})
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--queries", required=True, type=Path, help="folder of query images")
+    parser.add_argument("--references", required=True, type=Path,
+                        help="folder of reference images")
+    cli.add_common_args(parser)
+    return parser.parse_args(argv)
+
+
+def run_cli(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    cli.run_main(main, cli.config_from_args(args), args.queries, args.references, args.work)
+
+
+if __name__ == "__main__":  # go through the package module so that workers can unpickle tasks
+    from global_fea import extract
+
+    extract.run_cli()

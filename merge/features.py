@@ -1,0 +1,87 @@
+"""One candidate set from every branch's pairs, with every branch's features for each pair.
+
+The candidates are the union of the pairs the branches found. Each pair then gets the
+features of every branch: the branch's own when it found the pair, else computed (``fill``)
+when the branch can: always for a cheap fill (global similarity), and for an expensive one
+(verification) only when another branch ranks the pair within ``merge.fill_rank`` of its
+query. What is still missing gets the branch's ``missing`` values (no evidence).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common import UserError
+from merge.branches import Branch, Context, Evidence, Pair
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PairTable:
+    """Candidate pairs (sorted), their feature matrix and which branches found each."""
+
+    pairs: list[Pair]
+    features: list[str]
+    x: np.ndarray
+    found_by: list[str]
+
+
+def top_ranked(evidence: Evidence, max_rank: int) -> set[Pair]:
+    """Pairs within the ``max_rank`` best of their query by the branch's own score."""
+    by_query: dict[str, list[tuple[float, str]]] = defaultdict(list)
+    for (q, r), score in evidence.scores.items():
+        by_query[q].append((score, r))
+    top = set()
+    for q, scored in by_query.items():
+        top.update((q, r) for _, r in sorted(scored, key=lambda t: (-t[0], t[1]))[:max_rank])
+    return top
+
+
+def read_branches(ctx: Context, branches: Sequence[Branch],
+                  pair_files: Mapping[str, Path]) -> dict[str, Evidence]:
+    """Each branch's evidence from its pairs file (given, or located for the run)."""
+    evidence = {}
+    for branch in branches:
+        path = Path(pair_files[branch.name]) if branch.name in pair_files else branch.locate(ctx)
+        if not path.exists():
+            raise UserError(f"no pairs of the {branch.name} branch at {path}: run that branch "
+                            f"first, or leave it out of merge.branches")
+        evidence[branch.name] = branch.read(ctx, path)
+        log.info("%s: %d pairs from %s", branch.name, len(evidence[branch.name].features), path)
+    return evidence
+
+
+def gather(ctx: Context, branches: Sequence[Branch],
+           pair_files: Mapping[str, Path] | None = None) -> PairTable:
+    """The candidate pairs of all branches with every branch's features (module docstring)."""
+    evidence = read_branches(ctx, branches, pair_files or {})
+    pairs = sorted(set().union(*(e.features for e in evidence.values())))
+    found_by = ["+".join(b.name for b in branches if p in evidence[b.name].features)
+                for p in pairs]
+    max_rank = ctx.conf["merge"]["fill_rank"]
+    top = set().union(*(top_ranked(e, max_rank) for e in evidence.values()))
+    for branch in branches:
+        own = evidence[branch.name]
+        missing = [p for p in pairs if p not in own.features]
+        if branch.fill is None or not missing:
+            continue
+        todo = missing if branch.fill_all else [p for p in missing if p in top]
+        filled = branch.fill(ctx, todo)
+        own.features.update(filled.features)
+        log.info("%s: evidence computed for %d of the %d pairs it did not find", branch.name,
+                 len(filled.features), len(missing))
+    columns = []
+    for branch in branches:
+        own, default = evidence[branch.name].features, np.array(branch.missing, np.float64)
+        columns.append(np.array([own.get(p, default) for p in pairs], np.float64)
+                       .reshape(len(pairs), len(branch.features)))
+    names = [f for b in branches for f in b.features]
+    x = np.hstack(columns) if pairs else np.zeros((0, len(names)))
+    return PairTable(pairs, names, x, found_by)

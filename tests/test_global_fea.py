@@ -1,0 +1,180 @@
+"""Global descriptors: offline weights, checkpoints, ISC h5 layout, resumption, search."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from common import UserError
+from common.config import load_config
+from global_fea import extract, search, weights, whiten
+from global_fea.model import GlobalDescriptor, ModelConf
+from tests.conftest import DATA, demo_references
+
+CAT = DATA / "referenceimages" / "R000019.jpg"  # scikit-image's "chelsea" (CC0)
+IMAGENET_CATS = range(281, 286)  # tabby, tiger, Persian, Siamese, Egyptian cat
+
+
+def test_imagenet_checkpoint_matches_timm_tensor_by_tensor() -> None:
+    source = weights.read_state_dict(weights.imagenet_checkpoint())
+    own = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
+    assert len(source) == len(own) == 296
+    assert [tuple(v.shape) for v in source.values()] == [tuple(v.shape) for v in own.values()]
+
+
+def test_imagenet_weights_classify_a_cat_as_a_cat() -> None:
+    conf = ModelConf(image_size=224)
+    model = weights.load_weights(GlobalDescriptor(conf), weights.IMAGENET)
+    source = weights.read_state_dict(weights.imagenet_checkpoint())
+    image = extract.load_square(str(CAT), 224, 10**8)
+    x = model.preprocess(torch.from_numpy(image.transpose(2, 0, 1).copy())[None])
+    with torch.inference_mode():
+        pooled = model.backbone.forward_features(x).mean(dim=(2, 3))
+        logits = F.linear(pooled, source["_fc.weight"], source["_fc.bias"])
+    assert int(logits.argmax()) in IMAGENET_CATS
+    assert float(logits.softmax(1)[0, list(IMAGENET_CATS)].sum()) > 0.5
+
+
+def test_export_round_trip_gives_the_same_descriptors(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    conf = ModelConf(proj_dim=32, image_size=64)
+    model = GlobalDescriptor(conf).eval()
+    x = torch.rand(3, 3, 64, 64)
+    with torch.inference_mode():
+        expected = model(x)
+    for half, tol in ((False, 1e-6), (True, 2e-3)):
+        path = weights.save(model, tmp_path / f"d{half}.safetensors", half=half)
+        loaded = weights.load_weights(GlobalDescriptor(conf), str(path))
+        with torch.inference_mode():
+            assert torch.allclose(loaded(x), expected, atol=tol)
+    with pytest.raises(UserError, match="proj_dim"):
+        weights.load_weights(GlobalDescriptor(ModelConf(proj_dim=16)), str(path))
+
+
+def test_timm_state_dict_loads_wrapped_and_names_bad_keys(tmp_path: Path) -> None:
+    timm_model = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=10)
+    state = {f"module.{k}": v for k, v in timm_model.state_dict().items()}
+    torch.save({"state_dict": state}, tmp_path / "timm.pth")
+    model = weights.load_weights(GlobalDescriptor(ModelConf()), str(tmp_path / "timm.pth"))
+    assert torch.equal(model.backbone.conv_stem.weight, timm_model.conv_stem.weight)
+
+    state = dict(timm_model.state_dict())
+    state.pop("bn2.weight")
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(UserError, match=r"missing keys: bn2\.weight.*unexpected keys: extra"):
+        weights.load_weights(GlobalDescriptor(ModelConf()), str(tmp_path / "bad.pth"))
+    with pytest.raises(UserError, match="not found"):
+        weights.load_weights(GlobalDescriptor(ModelConf()), str(tmp_path / "none.pth"))
+
+
+def _original_swin_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm Swin keys -> the original Swin/EsViT layout (downsample at the end of a stage)."""
+    import re
+
+    out = {}
+    for k, v in state.items():
+        k = re.sub(r"layers\.(\d+)\.downsample",
+                   lambda m: f"layers.{int(m.group(1)) - 1}.downsample", k)
+        out[k] = v
+    return out
+
+
+@pytest.mark.slow
+def test_swin_b_esvit_teacher_checkpoint_loads(tmp_path: Path) -> None:
+    conf = ModelConf(arch="swin_base_patch4_window7_224", pool="avg", proj_dim=0,
+                     mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    reference = GlobalDescriptor(conf)
+    teacher = {f"module.backbone.{k}": v
+               for k, v in _original_swin_layout(reference.backbone.state_dict()).items()}
+    teacher["module.head.mlp.0.weight"] = torch.zeros(4, 1024)  # the DINO head: ignored
+    torch.save({"teacher": teacher, "epoch": 300}, tmp_path / "esvit.pth")
+    model = weights.load_weights(GlobalDescriptor(conf), str(tmp_path / "esvit.pth"))
+    for (k, v), w in zip(reference.backbone.state_dict().items(),
+                         model.backbone.state_dict().values(), strict=True):
+        assert torch.equal(v, w), k
+    with torch.inference_mode():
+        assert model(torch.rand(1, 3, 224, 224)).shape == (1, 1024)
+
+
+@pytest.fixture
+def gconf(tmp_path: Path) -> dict:
+    """Small images, tiny whitening trained in a temporary assets folder."""
+    return load_config(overrides=[
+        "run.shard_size=4", "run.n_jobs=2", "global_fea.image_size=96",
+        "global_fea.whitening=PCAW8,L2norm", f"global_fea.assets={tmp_path / 'assets'}",
+        "global_fea.workers=0", "global_fea.batch_size=5"])
+
+
+def _folders(tmp_path: Path) -> tuple[Path, Path, Path]:
+    train, refs, queries = (tmp_path / n for n in ("train", "refs", "queries"))
+    photos = demo_references()
+    for folder, chosen in ((train, photos[20:36]), (refs, photos[:7])):
+        folder.mkdir()
+        for p in chosen:
+            shutil.copy(p, folder / p.name)
+    queries.mkdir()
+    for name in ("Q00000", "Q00001", "Q00002", "Q00003", "Q00004"):
+        shutil.copy(DATA / "queryimages" / f"{name}.jpg", queries / f"{name}.jpg")
+    (queries / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    return train, refs, queries
+
+
+def test_h5_is_readable_by_plain_h5py_in_the_isc_layout(tmp_path: Path, gconf) -> None:
+    train, refs, queries = _folders(tmp_path)
+    with pytest.raises(UserError, match=r"global_fea\.whiten"):
+        extract.main(gconf, queries, refs, tmp_path / "work")
+    whiten.main(gconf, train, tmp_path / "work")
+    assert whiten.bank_path(gconf["global_fea"]).exists()
+    h5 = extract.main(gconf, queries, refs, tmp_path / "work")
+    with h5py.File(h5, "r") as f:
+        assert {"query", "reference", "query_ids", "reference_ids"} <= set(f)
+        q_ids = [i.decode() for i in f["query_ids"][:]]
+        r_ids = [i.decode() for i in f["reference_ids"][:]]
+        assert q_ids == ["Q00000", "Q00001", "Q00002", "Q00003", "Q00004"]  # broken skipped
+        assert r_ids == sorted(p.stem for p in refs.iterdir())
+        for name, n in (("query", 5), ("query_mirror", 5), ("reference", 7)):
+            x = f[name][:]
+            assert x.dtype == np.float32 and x.shape == (n, 8)
+            assert np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
+    skipped = (extract.model_root(gconf, tmp_path / "work") / "queries" / "skipped.csv")
+    assert "broken" in skipped.read_text()
+
+
+def test_extraction_resumes_a_lost_shard_identically(tmp_path: Path, gconf) -> None:
+    _, refs, _ = _folders(tmp_path)
+    root = extract.extract_set(gconf, refs, tmp_path / "work")
+    first = {p.name: np.asarray(__import__("joblib").load(p)["desc"])
+             for p in sorted(root.glob("shard_*.pkl"))}
+    assert len(first) == 2
+    lost = root / "shard_00001.pkl"
+    lost.unlink()
+    extract.extract_set(gconf, refs, tmp_path / "work")
+    assert lost.exists()
+    assert np.allclose(__import__("joblib").load(lost)["desc"], first[lost.name], atol=1e-6)
+
+
+def test_normalisation_pushes_down_queries_close_to_training_photos() -> None:
+    bank = np.eye(4, dtype=np.float32)[:2]  # two training photos: e0, e1
+    generic = np.array([[0.8, 0.6, 0.0, 0.0]], np.float32)  # near both training photos
+    distinct = np.array([[0.0, 0.0, 0.6, 0.8]], np.float32)  # near none
+    offsets = search.norm_offsets(np.vstack([generic, distinct]), bank, 2, 1.0, gpu=False)
+    assert np.allclose(offsets, [0.7, 0.0])
+    # both queries are at similarity 0.9 to their best reference; after normalisation the
+    # distinctive one ranks first, and each query keeps its best view
+    hits = {"orig": (np.array([[0.9, 0.5], [0.9, 0.1]]), np.array([[0, 1], [2, 3]]), offsets),
+            "mirror": (np.array([[0.95, 0.2], [0.3, 0.2]]), np.array([[1, 0], [2, 3]]),
+                       offsets)}
+    rows = search.best_per_pair(np.array([0, 1]), hits, k=2)
+    by_pair = {(q, r): (view, sim, norm, rank) for q, r, view, sim, norm, rank in rows}
+    assert by_pair[(0, 1)][0] == "mirror" and by_pair[(0, 1)][3] == 0
+    assert by_pair[(0, 0)][3] == 1
+    assert by_pair[(1, 2)][2] > by_pair[(0, 1)][2]
+    assert search.norm_offsets(generic, bank, 2, 0.0, gpu=False).tolist() == [0.0]

@@ -1,0 +1,124 @@
+"""Fusion: one candidate set, evidence filled in, the calibrated model, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common import UserError
+from common.config import load_config
+from merge import branches, fuse
+from merge.branches import LOGIT_FLOOR, Branch, Context, Evidence
+from merge.features import gather, top_ranked
+from merge.fusion import FusionModel
+from tests.conftest import python
+
+
+def _fake(name: str, found: dict, features: tuple[str, ...], fill_all: bool, calls: list):
+    def read(ctx, path):
+        return Evidence({p: np.array(v) for p, (v, _) in found.items()},
+                        {p: s for p, (_, s) in found.items()})
+
+    def fill(ctx, pairs):
+        calls.append((name, sorted(pairs)))
+        return Evidence({p: np.full(len(features), 0.5) for p in pairs})
+
+    return Branch(name, features, lambda ctx: Path("unused"), read,
+                  tuple(-1.0 for _ in features), fill, fill_all)
+
+
+def test_gather_unions_pairs_and_fills_missing_evidence(tmp_path: Path) -> None:
+    conf = load_config(overrides=["merge.fill_rank=1"])
+    ctx = Context(conf, None, None, tmp_path, tmp_path)
+    calls: list = []
+    costly = _fake("costly", {("q1", "r1"): ([3.0], 0.9), ("q2", "r1"): ([2.0], 0.8)},
+                   ("c",), fill_all=False, calls=calls)
+    cheap = _fake("cheap", {("q1", "r2"): ([0.7, 0.2], 0.2), ("q1", "r3"): ([0.6, 0.1], 0.1),
+                            ("q2", "r1"): ([0.9, 0.4], 0.4)}, ("s", "n"), fill_all=True,
+                  calls=calls)
+    files = {"costly": tmp_path, "cheap": tmp_path}
+    table = gather(ctx, [costly, cheap], files)
+    assert table.pairs == [("q1", "r1"), ("q1", "r2"), ("q1", "r3"), ("q2", "r1")]
+    assert table.features == ["c", "s", "n"]
+    assert table.found_by == ["costly", "cheap", "cheap", "costly+cheap"]
+    # the costly branch verifies only what another branch ranks first for its query (q1/r2),
+    # the cheap one fills every pair it lacks
+    assert calls == [("costly", [("q1", "r2")]), ("cheap", [("q1", "r1")])]
+    assert table.x.tolist() == [[3.0, 0.5, 0.5], [0.5, 0.7, 0.2], [-1.0, 0.6, 0.1],
+                                [2.0, 0.9, 0.4]]
+
+
+def test_top_ranked_is_per_query() -> None:
+    ev = Evidence(scores={("a", "1"): 0.1, ("a", "2"): 0.9, ("b", "1"): 0.05})
+    assert top_ranked(ev, 1) == {("a", "2"), ("b", "1")}
+    assert top_ranked(ev, 0) == set()
+
+
+def test_local_evidence_keeps_the_best_view_and_floors_no_inliers() -> None:
+    conf = load_config()
+
+    def row(q, r, view, inliers, matches):
+        return {"query_id": q, "reference_id": r, "view": view, "matches": matches,
+                "inliers": inliers, "inliers_h1": inliers, "inliers_h2": 0,
+                "dense_agree": 0.6, "dense_cells": 40}
+
+    ev = branches.local_evidence([row("q", "r", "orig", 4, 40), row("q", "r", "mirror", 40, 60),
+                                  row("q", "s", "orig", 0, 3)], conf)
+    strong = branches.local_evidence([row("q", "r", "mirror", 40, 60)], conf)
+    weak = branches.local_evidence([row("q", "r", "orig", 4, 40)], conf)
+    assert ev.features[("q", "r")][0] == strong.features[("q", "r")][0]
+    assert strong.features[("q", "r")][0] > weak.features[("q", "r")][0] > LOGIT_FLOOR
+    assert ev.features[("q", "s")][0] == LOGIT_FLOOR and ev.scores[("q", "s")] == 0.0
+
+
+def test_fusion_model_is_calibrated_deterministic_and_checked(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.random(400) < 0.3
+    x = np.c_[rng.normal(labels * 2.0, 1.0), rng.normal(0, 1, 400)]
+    from merge.features import PairTable
+
+    table = PairTable([(f"q{i}", "r") for i in range(400)], ["useful", "noise"], x, [])
+    model = FusionModel.fit(table, labels.astype(int))
+    assert model.coef[0] > 5 * abs(model.coef[1])
+    path = model.save(tmp_path / "fusion.json")
+    again = FusionModel.load(path, ["useful", "noise"])
+    scores = again.score(table)
+    assert np.array_equal(scores, model.score(table)) and len(np.unique(scores)) == 400
+    grid = np.c_[np.linspace(-3, 3, 50), np.zeros(50)]  # more evidence, higher score
+    assert np.all(np.diff(again.probability(grid)) > 0)
+    with pytest.raises(UserError, match=r"merge\.calibrate"):
+        FusionModel.load(path, ["useful", "noise", "crop_local_logit"])
+
+
+def _pairs_file(path: Path, header: list[str], rows: list[list]) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def test_fuse_max_method_from_given_pair_files(tmp_path: Path) -> None:
+    from global_fea.search import COLUMNS
+
+    glob = _pairs_file(tmp_path / "g.csv", COLUMNS, [
+        ["q1", "r1", "orig", 0.9, 0.4, 0, 0.4], ["q1", "r2", "orig", 0.5, 0.1, 1, 0.1]])
+    out = tmp_path / "sub.csv"
+    cmd = [python(), "-m", "merge.fuse", "--pairs", f"global={glob}", "--out", str(out),
+           "--work", str(tmp_path / "work"), "-o", "merge.branches=[global]",
+           "-o", "merge.method=max"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    with open(out) as f:
+        rows = list(csv.reader(f))
+    assert rows == [["query_id", "reference_id", "score"], ["q1", "r1", "0.4"],
+                    ["q1", "r2", "0.1"]]
+    bad = subprocess.run([*cmd[:3], "global", *cmd[4:]], capture_output=True, text=True)
+    assert bad.returncode != 0 and "NAME=FILE" in bad.stderr
+    conf = load_config(overrides=["merge.branches=[global, nonesuch]"])
+    with pytest.raises(UserError, match="unknown branch"):
+        fuse.main(conf, None, None, tmp_path / "work", pair_files={"global": glob,
+                                                                   "nonesuch": glob})
