@@ -18,8 +18,8 @@ SUBMISSION ?= $(WORK)/submission.csv
 ARGS = --work $(WORK) $(if $(CONFIG),--config $(CONFIG)) $(OPTS)
 SETS = --queries $(QUERY) --references $(REF)
 
-.PHONY: install demo all extract extract-references extract-queries search verify merge eval \
-	test lint bench train-index calibrate clean
+.PHONY: install demo all extract extract-references extract-queries search verify detect \
+	crop-local merge eval test lint bench bench-detect train-index calibrate train-detector clean
 
 install: $(VENV)/.installed
 
@@ -49,7 +49,14 @@ search: extract
 verify: search
 	$(PY) -m match_score.verify $(SETS) $(ARGS)
 
-merge: verify
+# Overlay crops: the detector finds a pasted copy, the local branch runs again on the crops.
+detect: install
+	$(PY) -m preprocess.detect --images $(QUERY) $(ARGS)
+
+crop-local: detect extract-references
+	$(PY) -m preprocess.crop_local $(SETS) $(ARGS)
+
+merge: verify crop-local
 	$(PY) -m merge.fuse $(SETS) --out $(SUBMISSION) $(ARGS)
 
 eval: install
@@ -65,12 +72,25 @@ lint: install
 bench: install
 	$(PY) -m bench.bench_local
 
+bench-detect: install
+	$(PY) -m bench.bench_detect --images $(QUERY)
+
 # Models and indexes shipped in the repository, rebuilt from training photos (never references).
 train-index: install
 	$(PY) -m local_fea.train_index --images $(TRAIN_PHOTOS) $(ARGS)
 
 calibrate: install
 	$(PY) -m match_score.calibrate --photos $(TRAIN_PHOTOS) $(ARGS)
+
+# The overlay detector: a synthetic set of pastes made from training photos, then YOLO from
+# scratch (CPU: about 2 h on 2 cores; on a GPU add DETECTOR_OPTS="--device 0 --amp").
+SYNTH ?= $(WORK)/overlay_synth
+DETECTOR_OPTS ?=
+train-detector: install
+	$(PY) -m preprocess.synth --photos $(TRAIN_PHOTOS) --out $(SYNTH) \
+		--train 2000 --val 200 --test 400 --seed 0
+	$(PY) -m preprocess.train --data $(SYNTH) --out preprocess/assets/overlay_yolo.pt \
+		--work $(WORK)/detector_train --epochs 12 --imgsz 192 --batch 16 --threads 2 $(DETECTOR_OPTS)
 
 clean:
 	rm -rf $(WORK)

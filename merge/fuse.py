@@ -22,6 +22,7 @@ from common.logs import start_run
 from local_fea.extract import store_for
 from local_fea.search import candidates_path
 from match_score import verify
+from preprocess import crop_local
 
 STAGE = "merge"
 SUBMISSION_COLUMNS = ["query_id", "reference_id", "score"]
@@ -53,7 +54,11 @@ def branch_pairs(conf: dict[str, Any], queries: Path, references: Path,
     q_store = store_for(conf, queries, work_dir)
     r_store = store_for(conf, references, work_dir)
     local = verify.pairs_path(conf, candidates_path(conf, q_store, r_store, work_dir), work_dir)
-    return {"local": local}
+    branches = {"local": local}
+    crops = crop_local.pairs_path(conf, queries, references, work_dir)
+    if crops.exists():  # optional branch: only when the overlay detector has run
+        branches["crop_local"] = crops
+    return branches
 
 
 def main(
@@ -66,7 +71,8 @@ def main(
     if not pair_files:
         if queries is None or references is None:
             raise UserError("give --queries and --references, or --pairs")
-        pair_files = list(branch_pairs(conf, Path(queries), Path(references), work_dir).values())
+        branches = branch_pairs(conf, Path(queries), Path(references), work_dir)
+        pair_files = list(branches.values())
     pair_files = [Path(p) for p in pair_files]
     name = output_name(conf[STAGE], *[str(p.resolve()) for p in pair_files])
     out = Path(out) if out else Path(work_dir) / STAGE / name / "submission.csv"
@@ -75,8 +81,8 @@ def main(
         best = best_scores(pair_files)
         rows = submission_rows(best, conf[STAGE]["max_pairs"])
         write_csv(out, SUBMISSION_COLUMNS, rows)
-        run.logger.info("%d pairs from %d file(s); %d written to %s", len(best),
-                        len(pair_files), len(rows), out)
+        run.logger.info("%d pairs from %s; %d written to %s", len(best),
+                        ", ".join(str(p) for p in pair_files), len(rows), out)
     return out
 
 
