@@ -441,8 +441,9 @@ def screenshot(img: Image.Image, rng: Rng) -> Edited:
     d.rectangle((0, 0, canvas.width, bar), fill=barc)
     for i, c in enumerate(((237, 106, 94), (245, 191, 79), (98, 197, 84))):
         d.ellipse((bar * (0.3 + 0.6 * i), bar * 0.3, bar * (0.7 + 0.6 * i), bar * 0.7), fill=c)
-    d.rounded_rectangle((bar * 2.4, bar * 0.2, canvas.width * 0.8, bar * 0.8), bar // 4,
-                        fill=bgc)
+    if canvas.width * 0.8 > bar * 2.4:  # an address bar, where a narrow frame has room
+        d.rounded_rectangle((bar * 2.4, bar * 0.2, canvas.width * 0.8, bar * 0.8), bar // 4,
+                            fill=bgc)
     for y in range(bar + margin, bar + margin + h, max(8, bar // 2)):
         d.rectangle((margin, y, margin + side * rng.uniform(0.4, 0.9), y + bar // 6), fill=inkc)
     if bottom:

@@ -16,8 +16,9 @@ Photos are split by photo into train / val / test: a test photo never appears in
 even as a background. Output, in the YOLO layout: ``images/<split>/<name>.jpg``,
 ``labels/<split>/<name>.txt`` (``0 xc yc w h`` normalised; empty: nothing pasted),
 ``data.yaml`` and ``samples.csv`` (split, name, kind, edits, box in pixels). Sample ``i`` of a
-split has its own seed, so the set is reproducible bit for bit; samples are written in chunks
-whose record is written last, so a restarted run redoes only unfinished chunks.
+split has its own seed, so the set is reproducible bit for bit, and a larger split extends a
+smaller one; samples are written in chunks whose record is written last, so a restarted run
+redoes only unfinished chunks.
 """
 
 from __future__ import annotations
@@ -129,9 +130,13 @@ def yolo_label(box: tuple[float, float, float, float] | None, size: tuple[int, i
 @dataclass(frozen=True)
 class Chunk:
     split: str
-    index: int
     start: int
     stop: int
+
+    def record(self, out: Path) -> Path:
+        """The chunk's ``samples.csv`` part, written last (named by its range, so that a set
+        extended later redoes a chunk that grew)."""
+        return out / "parts" / f"{self.split}_{self.start:06d}-{self.stop:06d}.csv"
 
 
 def split_photos(photos: Sequence[Path], seed: int) -> dict[str, list[Path]]:
@@ -161,7 +166,7 @@ def write_chunk(chunk: Chunk, photos_by_split: dict[str, list[str]], out: Path, 
                    yolo_label(sample.box, sample.image.size))
         box = [f"{v:.1f}" for v in sample.box] if sample.box else ["", "", "", ""]
         rows.append([chunk.split, name, sample.kind, sample.edits, *box])
-    write_csv(out / "parts" / f"{chunk.split}_{chunk.index:05d}.csv", SAMPLE_COLUMNS, rows)
+    write_csv(chunk.record(out), SAMPLE_COLUMNS, rows)
     return len(rows)
 
 
@@ -172,9 +177,9 @@ def make_dataset(photos: str | Path, out: str | Path, sizes: dict[str, int], see
     run = start_run(out, "preprocess.synth")
     with run:
         by_split = split_photos(readable_photos(photos), seed)
-        chunks = [Chunk(s, k, start, min(start + CHUNK, sizes[s]))
-                  for s in SPLITS for k, start in enumerate(range(0, sizes[s], CHUNK))]
-        todo = [c for c in chunks if not (out / "parts" / f"{c.split}_{c.index:05d}.csv").exists()]
+        chunks = [Chunk(s, start, min(start + CHUNK, sizes[s]))
+                  for s in SPLITS for start in range(0, sizes[s], CHUNK)]
+        todo = [c for c in chunks if not c.record(out).exists()]
         for split in SPLITS:
             for folder in ("images", "labels"):
                 (out / folder / split).mkdir(parents=True, exist_ok=True)
@@ -187,8 +192,7 @@ def make_dataset(photos: str | Path, out: str | Path, sizes: dict[str, int], see
         for _ in parallel_map(work, todo, n_jobs=n_jobs, desc="synthetic overlays", unit="img",
                               total=sum(c.stop - c.start for c in todo), weight=int):
             pass
-        rows = [[r[c] for c in SAMPLE_COLUMNS] for c in chunks
-                for r in read_csv(out / "parts" / f"{c.split}_{c.index:05d}.csv")]
+        rows = [[r[k] for k in SAMPLE_COLUMNS] for c in chunks for r in read_csv(c.record(out))]
         write_csv(out / "samples.csv", SAMPLE_COLUMNS, rows)
         data = {"path": str(out.resolve()), **{s: f"images/{s}" for s in SPLITS},
                 "names": {0: "copy"}}

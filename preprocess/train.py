@@ -51,15 +51,17 @@ def ship(best: Path, out: Path) -> Path:
 def train(data: Path, out: Path, work: Path, epochs: int = 12, imgsz: int = 192,
           batch: int = 16, width: float = 0.125, depth: float = 0.33, base: str = "yolov8.yaml",
           device: str = "cpu", threads: int = 1, seed: int = 0, amp: bool = False,
-          patience: int = 10) -> Path:
-    """Train from scratch on ``data`` (a ``preprocess.synth`` folder); return the shipped file."""
+          patience: int = 10, warmup: float = 1.0, init: Path | None = None) -> Path:
+    """Train on ``data`` (a ``preprocess.synth`` folder), from scratch or from the weights of an
+    earlier run (``init``); return the shipped file."""
     data_yaml = data / "data.yaml" if data.is_dir() else data
     yolo = ultralytics_offline(work / "ultralytics")
     set_threads(threads)
     model = yolo.YOLO(str(model_yaml(work / "model.yaml", base, depth, width)), task="detect")
     model.train(
         data=str(data_yaml), epochs=epochs, imgsz=imgsz, batch=batch, device=device,
-        workers=0, seed=seed, deterministic=True, amp=amp, plots=False, pretrained=False,
+        workers=0, seed=seed, deterministic=True, amp=amp, plots=False,
+        pretrained=str(init) if init else False, warmup_epochs=warmup,
         mosaic=0.0, close_mosaic=0, cache="ram", patience=patience, project=str(work),
         name="run", exist_ok=True, verbose=False,
     )
@@ -83,11 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
     parser.add_argument("--patience", type=int, default=10, help="early stop after N epochs")
+    parser.add_argument("--warmup", type=float, default=1.0, help="warm-up epochs")
+    parser.add_argument("--init", type=Path, help="start from these weights (an earlier run)")
     args = parser.parse_args(argv)
     start = time.time()
     weights = train(args.data, args.out, args.work, args.epochs, args.imgsz, args.batch,
                     args.width, args.depth, args.base, args.device, args.threads, args.seed,
-                    args.amp, args.patience)
+                    args.amp, args.patience, args.warmup, args.init)
     conf = load_config(overrides=[f"preprocess.weights={weights}", f"preprocess.imgsz={args.imgsz}",
                                   f"run.n_jobs={args.threads}"])
     report = {

@@ -63,7 +63,7 @@ def test_synthetic_set_is_deterministic_resumable_and_yolo_shaped(tmp_path: Path
     a = synth.make_dataset(DATA / "referenceimages", tmp_path / "a", sizes, seed=3, n_jobs=1)
     b_root = tmp_path / "b"
     synth.make_dataset(DATA / "referenceimages", b_root, sizes, seed=3, n_jobs=1)
-    (b_root / "parts" / "train_00000.csv").unlink()  # a chunk that never finished
+    (b_root / "parts" / "train_000000-000010.csv").unlink()  # a chunk that never finished
     (b_root / "images" / "train" / "train_000004.jpg").unlink()
     synth.make_dataset(DATA / "referenceimages", b_root, sizes, seed=3, n_jobs=1)
     a_root = a.parent
