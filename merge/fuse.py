@@ -4,8 +4,13 @@
         --out work/submission.csv
 
 Each (query, reference) pair keeps its best calibrated score over the branches and views
-that found it. The submission has the header ``query_id,reference_id,score``, unique pairs,
-best first, and at most ``merge.max_pairs`` rows (the ISC cap of 500,000).
+that found it. ``merge.branches`` lists the branches fused (each one whose pairs exist);
+``merge.min_score`` gives a branch a floor under which its scores are ignored: the crop-local
+branch runs a second, independent search for the queries it crops, so its weak matches would
+add false positives that the whole-query search did not make; from 0.5 up (a calibrated
+verdict "copy") it only adds confident evidence. The submission has the header
+``query_id,reference_id,score``, unique pairs, best first, and at most ``merge.max_pairs``
+rows (the ISC cap of 500,000).
 """
 
 from __future__ import annotations
@@ -28,16 +33,19 @@ STAGE = "merge"
 SUBMISSION_COLUMNS = ["query_id", "reference_id", "score"]
 
 
-def best_scores(pair_files: Sequence[Path]) -> dict[tuple[str, str], float]:
-    """The best score of every (query, reference) pair over all files and views."""
+def best_scores(pair_files: Sequence[Path],
+                floors: Sequence[float] = ()) -> dict[tuple[str, str], float]:
+    """The best score of every (query, reference) pair over all files and views; a file's
+    scores under its floor (``floors``, parallel to ``pair_files``; default 0) are ignored."""
     best: dict[tuple[str, str], float] = {}
-    for path in pair_files:
+    floors = list(floors) or [0.0] * len(pair_files)
+    for path, floor in zip(pair_files, floors, strict=True):
         if not Path(path).exists():
             raise UserError(f"pairs file not found: {path}")
         for row in read_csv(path):
             key = (row["query_id"], row["reference_id"])
             score = float(row["score"])
-            if score > best.get(key, 0.0):
+            if score >= floor and score > best.get(key, 0.0):
                 best[key] = score
     return best
 
@@ -68,18 +76,25 @@ def main(
 ) -> Path:
     """Write the submission CSV from the branches' pairs files (given, or found from the
     query and reference folders); return its path."""
+    mconf = conf[STAGE]
+    floors: list[float] = []
     if not pair_files:
         if queries is None or references is None:
             raise UserError("give --queries and --references, or --pairs")
         branches = branch_pairs(conf, Path(queries), Path(references), work_dir)
-        pair_files = list(branches.values())
+        unknown = set(mconf["branches"]) - {"local", "crop_local"}
+        if unknown:
+            raise UserError(f"merge.branches: unknown branch(es) {sorted(unknown)}")
+        chosen = [b for b in mconf["branches"] if b in branches]
+        pair_files = [branches[b] for b in chosen]
+        floors = [mconf["min_score"].get(b, 0.0) for b in chosen]
     pair_files = [Path(p) for p in pair_files]
-    name = output_name(conf[STAGE], *[str(p.resolve()) for p in pair_files])
+    name = output_name(mconf, *[str(p.resolve()) for p in pair_files])
     out = Path(out) if out else Path(work_dir) / STAGE / name / "submission.csv"
     run = start_run(work_dir, STAGE)
     with run:
-        best = best_scores(pair_files)
-        rows = submission_rows(best, conf[STAGE]["max_pairs"])
+        best = best_scores(pair_files, floors)
+        rows = submission_rows(best, mconf["max_pairs"])
         write_csv(out, SUBMISSION_COLUMNS, rows)
         run.logger.info("%d pairs from %s; %d written to %s", len(best),
                         ", ".join(str(p) for p in pair_files), len(rows), out)

@@ -17,20 +17,15 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from common import UserError, cli
+from common import cli
 from common.images import ImageSet, list_images
 from common.io import read_csv
 from local_fea import extract, search
 from local_fea.extract import features_root, store_for
 from match_score import verify
-from preprocess.detect import crop_folder, output_root
+from preprocess.detect import crop_folder, crops, detections
 
 BRANCH = "local"
-
-
-def detections(conf: dict[str, Any], queries: str | Path, work_dir: str | Path) -> Path:
-    """The detection folder of a query set (named after the query folder or its store)."""
-    return output_root(conf, work_dir) / Path(queries).resolve().name
 
 
 def store_name(root: Path) -> str:
@@ -40,13 +35,10 @@ def store_name(root: Path) -> str:
 
 def crop_set(conf: dict[str, Any], queries: str | Path, work_dir: str | Path) -> ImageSet:
     """The crops that the local branch uses (queries whose box passed ``conf_local``)."""
-    root = detections(conf, queries, work_dir)
-    if not (root / "boxes.csv").exists():
-        raise UserError(f"no detections of {queries} at {root}: run "
-                        f"`python -m preprocess.detect --images {queries}` first")
+    folder = list_images(crops(conf, queries, work_dir, BRANCH))
+    root = folder.root.parent
     cropped = {r["query_id"] for r in read_csv(root / "boxes.csv")
                if BRANCH in r["used_for"].split("+")}
-    folder = list_images(crop_folder(root, BRANCH))
     keep = [(i, p) for i, p in zip(folder.ids, folder.paths, strict=True) if i in cropped]
     return ImageSet(store_name(root), folder.root, tuple(i for i, _ in keep),
                     tuple(p for _, p in keep))

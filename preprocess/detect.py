@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from common import cli
+from common import UserError, cli
 from common.config import REPO_ROOT, output_name
 from common.images import ImageError, ImageSet, list_images, read_image, resize_long_side
 from common.io import atomic_path, clean_stale_tmp, dump_joblib, write_csv
@@ -154,6 +154,22 @@ def output_root(conf: dict[str, Any], work_dir: str | Path) -> Path:
 def crop_folder(root: Path, branch: str) -> Path:
     """Crops of one branch, named after the query set so that feature stores stay distinct."""
     return root / f"{root.name}-crop_{branch}"
+
+
+def detections(conf: dict[str, Any], queries: str | Path, work_dir: str | Path) -> Path:
+    """The detection folder of a query set (named after the query folder or its store)."""
+    return output_root(conf, work_dir) / Path(queries).resolve().name
+
+
+def crops(conf: dict[str, Any], queries: str | Path, work_dir: str | Path,
+          branch: str) -> Path:
+    """The image folder that ``branch`` ("global" or "local") uses for these queries: one
+    image per query id, its crop or the original (``preprocess.detect`` must have run)."""
+    folder = crop_folder(detections(conf, queries, work_dir), branch)
+    if not (folder.parent / "boxes.csv").exists():
+        raise UserError(f"no detections of {queries} at {folder.parent}: run "
+                        f"`python -m preprocess.detect --images {queries}` first")
+    return folder
 
 
 def keep_original(src: Path, dst: Path) -> None:

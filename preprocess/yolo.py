@@ -3,9 +3,13 @@
 Import ultralytics only through ``ultralytics_offline()``. Before ultralytics is first imported
 it sets ``YOLO_OFFLINE`` (ultralytics' online check then answers "offline", which turns off
 its telemetry, update checks and platform sync) and ``YOLO_CONFIG_DIR`` (its settings file goes
-to a folder of ours, not the user's home). It then replaces the two calls that would still
-reach the internet on our code paths:
+to a folder of ours, not the user's home), and ``YOLO_AUTOINSTALL=false`` (never pip-install a
+missing package). It then undoes or replaces what would still reach the internet:
 
+- importing ultralytics replaces ``PIL.Image.open`` by a version that, on any file PIL cannot
+  identify, tries to pip-install a HEIF plugin and then fails with ModuleNotFoundError; that
+  would turn a corrupt query into a crash of the whole process, so PIL's own ``open`` is put
+  back;
 - ``check_font``, which fetches Arial.ttf whenever a dataset is checked or a plot drawn, by a
   lookup of local fonts only (ultralytics falls back to PIL's built-in font);
 - ``check_amp``, which downloads reference weights to test mixed precision on a GPU, by
@@ -13,7 +17,8 @@ reach the internet on our code paths:
 
 Models are built from ultralytics' bundled architecture yaml files (``model_yaml``) or loaded
 from local ``.pt`` files (``load_model`` refuses a missing file instead of letting ultralytics
-look for it online). Training also passes ``plots=False`` and ``pretrained=False``.
+look for it online). Training passes ``plots=False`` and starts from scratch or from a local
+file.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from PIL import Image
 
 from common import UserError
 from common.config import REPO_ROOT
@@ -53,6 +59,7 @@ def ultralytics_offline(config_dir: str | Path | None = None):
     global _patched
     if not _patched:
         os.environ["YOLO_OFFLINE"] = "1"
+        os.environ["YOLO_AUTOINSTALL"] = "false"
         os.environ.pop("ULTRALYTICS_API_KEY", None)
         folder = Path(config_dir or os.environ.get("YOLO_CONFIG_DIR") or DEFAULT_CONFIG_DIR)
         folder.mkdir(parents=True, exist_ok=True)
@@ -60,9 +67,10 @@ def ultralytics_offline(config_dir: str | Path | None = None):
     import ultralytics
     from ultralytics.data import utils as data_utils
     from ultralytics.engine import trainer
-    from ultralytics.utils import SETTINGS, checks, plotting
+    from ultralytics.utils import SETTINGS, checks, patches, plotting
 
     if not _patched:
+        Image.open = patches._image_open  # undo ultralytics' patch of PIL (see module doc)
         for module in (checks, data_utils, plotting):
             module.check_font = _local_font
         trainer.check_amp = _amp_without_download

@@ -222,8 +222,21 @@ def test_crop_local_branch_scores_crops_under_original_ids_and_merge_fuses_it(
     sub = fuse.main(conf, queries, DATA / "referenceimages", work, tmp_path / "sub.csv")
     fused = {(r["query_id"], r["reference_id"]): float(r["score"])
              for r in read_csv(sub)}
+    floor = conf["merge"]["min_score"]["crop_local"]
     for r in rows:
-        assert fused[(r["query_id"], r["reference_id"])] >= float(r["score"]) - 1e-9
+        if float(r["score"]) >= floor:
+            assert fused[(r["query_id"], r["reference_id"])] >= float(r["score"]) - 1e-9
+
+
+def test_merge_ignores_a_branch_scores_under_its_floor(tmp_path: Path) -> None:
+    header = "query_id,reference_id,view,score\n"
+    local, crops = tmp_path / "local.csv", tmp_path / "crops.csv"
+    local.write_text(header + "q1,r1,orig,0.9\nq2,r2,orig,0.2\n")
+    crops.write_text(header + "q1,r1,orig,0.95\nq2,r2,mirror,0.3\nq3,r3,orig,0.4\n"
+                     "q4,r4,orig,0.7\n")
+    best = fuse.best_scores([local, crops], [0.0, 0.5])
+    assert best == {("q1", "r1"): 0.95, ("q2", "r2"): 0.2, ("q4", "r4"): 0.7}
+    assert fuse.best_scores([local, crops])[("q3", "r3")] == 0.4
 
 
 @pytest.mark.slow
