@@ -48,7 +48,7 @@ from common.shards import ShardStore, ShardTask
 STAGE = "preprocess"
 BRANCHES = ("global", "local")
 BOX_COLUMNS = ["query_id", "x1", "y1", "x2", "y2", "conf", "used_for"]
-NOT_IN_NAME = ("batch", "device")
+NOT_IN_NAME = ("batch", "device", "weights")  # the weights count by their content
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ def weights_digest(weights: str | Path) -> str:
 def output_root(conf: dict[str, Any], work_dir: str | Path) -> Path:
     """Folder of all query sets' detections made with this configuration and these weights."""
     section = {k: v for k, v in conf[STAGE].items() if k not in NOT_IN_NAME}
-    return Path(work_dir) / STAGE / output_name(section, weights_digest(section["weights"]))
+    return Path(work_dir) / STAGE / output_name(section, weights_digest(conf[STAGE]["weights"]))
 
 
 def crop_folder(root: Path, branch: str) -> Path:
