@@ -18,9 +18,10 @@ SUBMISSION ?= $(WORK)/submission.csv
 ARGS = --work $(WORK) $(if $(CONFIG),--config $(CONFIG)) $(OPTS)
 SETS = --queries $(QUERY) --references $(REF)
 
-.PHONY: install demo all extract extract-references extract-queries search verify merge eval \
-	global-extract global-search test lint bench bench-global bench-scale capacity train-index \
-	calibrate train-split train-global global-assets calibrate-fusion clean
+.PHONY: install demo all extract extract-references extract-queries search verify detect \
+	crop-local global-extract global-search merge eval test lint bench bench-global \
+	bench-detect bench-scale capacity train-index calibrate train-split train-global \
+	global-assets calibrate-fusion train-detector clean
 
 install: $(VENV)/.installed
 
@@ -56,7 +57,14 @@ global-extract: install
 global-search: global-extract
 	$(PY) -m global_fea.search $(SETS) $(ARGS)
 
-merge: verify global-search
+# Overlay crops: the detector finds a pasted copy, the local branch runs again on the crops.
+detect: install
+	$(PY) -m preprocess.detect --images $(QUERY) $(ARGS)
+
+crop-local: detect extract-references
+	$(PY) -m preprocess.crop_local $(SETS) $(ARGS)
+
+merge: verify global-search crop-local
 	$(PY) -m merge.fuse $(SETS) --out $(SUBMISSION) $(ARGS)
 
 eval: install
@@ -83,6 +91,9 @@ capacity: install
 bench-global: install
 	$(PY) -m bench.bench_global
 
+bench-detect: install
+	$(PY) -m bench.bench_detect --images $(QUERY)
+
 # Models and indexes shipped in the repository, rebuilt from training photos (never references).
 train-index: install
 	$(PY) -m local_fea.train_index --images $(TRAIN_PHOTOS) $(ARGS)
@@ -106,6 +117,16 @@ global-assets: train-split
 
 calibrate-fusion: install
 	$(PY) -m merge.calibrate --photos $(TRAIN_PHOTOS) $(ARGS)
+
+# The overlay detector: a synthetic set of pastes made from training photos, then YOLO from
+# scratch (CPU: about 2 h on 2 cores; on a GPU add DETECTOR_OPTS="--device 0 --amp").
+SYNTH ?= $(WORK)/overlay_synth
+DETECTOR_OPTS ?=
+train-detector: install
+	$(PY) -m preprocess.synth --photos $(TRAIN_PHOTOS) --out $(SYNTH) \
+		--train 2000 --val 200 --test 400 --seed 0
+	$(PY) -m preprocess.train --data $(SYNTH) --out preprocess/assets/overlay_yolo.pt \
+		--work $(WORK)/detector_train --epochs 12 --imgsz 192 --batch 16 --threads 2 $(DETECTOR_OPTS)
 
 clean:
 	rm -rf $(WORK)

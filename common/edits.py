@@ -256,16 +256,19 @@ def perspective(img: Image.Image, rng: Rng) -> Edited:
     return out
 
 
-def onto_bg(img: Image.Image, rng: Rng, backgrounds: Sequence[Path] = ()) -> Edited:
-    """Paste the image, scaled to 35-80% of the background's size, onto another photo."""
+def onto_bg(img: Image.Image, rng: Rng, backgrounds: Sequence[Path] = (),
+            frac_range: tuple[float, float] = (0.35, 0.8), overflow: float = 0.0) -> Edited:
+    """Paste the image, scaled to 35-80% (``frac_range``) of the background's size, onto
+    another photo; up to ``overflow`` of the copy's width and height may fall outside."""
     bg = _photo(rng, backgrounds, (round(img.width * 1.8), round(img.height * 1.8)))
     if max(bg.size) < max(img.size):  # a small background would shrink the copy too much
         bg, _ = _resize(bg, tuple(round(v * max(img.size) / max(bg.size)) for v in bg.size))
-    frac = rng.uniform(0.35, 0.8)
+    frac = rng.uniform(*frac_range)
     f = frac * min(bg.width / img.width, bg.height / img.height)
     small, transform = _resize(img, (round(img.width * f), round(img.height * f)))
-    x0 = int(rng.integers(0, bg.width - small.width + 1))
-    y0 = int(rng.integers(0, bg.height - small.height + 1))
+    ox, oy = round(overflow * small.width), round(overflow * small.height)
+    x0 = int(rng.integers(-ox, bg.width - small.width + ox + 1))
+    y0 = int(rng.integers(-oy, bg.height - small.height + oy + 1))
     bg.paste(small, (x0, y0))
     return Edited(bg, f"onto_bg{frac:.2f}", translation(x0, y0) @ transform)
 
@@ -438,8 +441,9 @@ def screenshot(img: Image.Image, rng: Rng) -> Edited:
     d.rectangle((0, 0, canvas.width, bar), fill=barc)
     for i, c in enumerate(((237, 106, 94), (245, 191, 79), (98, 197, 84))):
         d.ellipse((bar * (0.3 + 0.6 * i), bar * 0.3, bar * (0.7 + 0.6 * i), bar * 0.7), fill=c)
-    d.rounded_rectangle((bar * 2.4, bar * 0.2, canvas.width * 0.8, bar * 0.8), bar // 4,
-                        fill=bgc)
+    if canvas.width * 0.8 > bar * 2.4:  # an address bar, where a narrow frame has room
+        d.rounded_rectangle((bar * 2.4, bar * 0.2, canvas.width * 0.8, bar * 0.8), bar // 4,
+                            fill=bgc)
     for y in range(bar + margin, bar + margin + h, max(8, bar // 2)):
         d.rectangle((margin, y, margin + side * rng.uniform(0.4, 0.9), y + bar // 6), fill=inkc)
     if bottom:

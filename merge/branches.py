@@ -11,9 +11,11 @@ evidence for pairs other branches found (``fill``), when that is possible:
 - ``global``: the global descriptor's top-k (``global_fea.search``'s ``pairs.csv``); its
   features are the raw and the normalised similarity. Every other pair gets them from the
   stored descriptors (a dot product): the cheap fill.
-- a branch like the local one on other query features (e.g. ``crop_local``, the local branch
-  on detector crops of the queries: same ``pairs.csv`` columns, query ids as ids) plugs in
-  with ``register(local_like("crop_local", locate))`` and ``merge.branches``.
+- ``crop_local``: the local branch on the overlay detector's crops of the queries
+  (``preprocess.crop_local``'s ``pairs.csv``: the local columns, original query ids), made
+  by ``local_like``; a query without a crop has no evidence here (``LOGIT_FLOOR``). Pairs
+  other branches rank high are verified with the crop's features. Any other branch with the
+  local columns plugs in the same way: ``register(local_like(name, locate, fill))``.
 """
 
 from __future__ import annotations
@@ -118,21 +120,28 @@ def locate_local(ctx: Context) -> Path:
                              ctx.work_dir)
 
 
-def fill_local(ctx: Context, pairs: list[Pair]) -> Evidence:
-    """Verify ``pairs`` (every query view) with the local features already extracted."""
+def verify_fill(ctx: Context, pairs: list[Pair], q_store: Path, name: str) -> Evidence:
+    """Verify ``pairs`` (every query view) with the local features of ``q_store``; pairs of
+    queries the store does not hold are left without evidence."""
     from local_fea.extract import store_for
     from local_fea.features import LocalFeatures
     from match_score.verify import verify_pairs
 
+    queries = LocalFeatures(q_store)
+    pairs = [p for p in pairs if p[0] in queries.store]
     if not pairs:
         return Evidence()
-    q_store = store_for(ctx.conf, ctx.queries, ctx.work_dir)
     r_store = store_for(ctx.conf, ctx.references, ctx.work_dir)
-    views = LocalFeatures(q_store).views()
-    todo = sorted((q, r, v, "") for q, r in pairs for v in views)
-    out = ctx.folder / f"local_fill-{digest(todo)}" / "parts"
-    rows = verify_pairs(ctx.conf, todo, q_store, r_store, out, desc="verify (fill)")
+    todo = sorted((q, r, v, "") for q, r in pairs for v in queries.views())
+    out = ctx.folder / f"{name}_fill-{digest(todo)}" / "parts"
+    rows = verify_pairs(ctx.conf, todo, q_store, r_store, out, desc=f"verify ({name} fill)")
     return local_evidence(rows, ctx.conf)
+
+
+def fill_local(ctx: Context, pairs: list[Pair]) -> Evidence:
+    from local_fea.extract import store_for
+
+    return verify_fill(ctx, pairs, store_for(ctx.conf, ctx.queries, ctx.work_dir), "local")
 
 
 def local_like(name: str, locate: Callable[[Context], Path],
@@ -186,5 +195,20 @@ def fill_global(ctx: Context, pairs: list[Pair]) -> Evidence:
 
 register(Branch("local", ("local_logit",), locate_local, read_local, (LOGIT_FLOOR,),
                 fill_local))
+def locate_crop_local(ctx: Context) -> Path:
+    from preprocess import crop_local
+
+    return crop_local.pairs_path(ctx.conf, ctx.queries, ctx.references, ctx.work_dir)
+
+
+def fill_crop_local(ctx: Context, pairs: list[Pair]) -> Evidence:
+    """Verify the crops of the queries that have one against ``pairs``' references."""
+    from preprocess import crop_local
+
+    q_store = crop_local.query_store(ctx.conf, ctx.queries, ctx.work_dir)
+    return verify_fill(ctx, pairs, q_store, "crop_local") if q_store.is_dir() else Evidence()
+
+
 register(Branch("global", ("global_sim", "global_norm"), locate_global, read_global,
                 GLOBAL_MISSING, fill_global, fill_all=True))
+register(local_like("crop_local", locate_crop_local, fill_crop_local))

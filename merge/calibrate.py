@@ -51,7 +51,15 @@ def run_global(conf: dict[str, Any], bench: Path, work_dir: Path) -> None:
     search.main(conf, h5, None, work_dir)
 
 
-RUNNERS = {"local": run_local, "global": run_global}
+def run_crop_local(conf: dict[str, Any], bench: Path, work_dir: Path) -> None:
+    from preprocess import crop_local, detect
+
+    queries, refs = stores_of(conf, work_dir)
+    detect.main(conf, bench / QUERY_DIR, work_dir, set_name=SET_NAMES[0])
+    crop_local.main(conf, queries, refs, work_dir)
+
+
+RUNNERS = {"local": run_local, "global": run_global, "crop_local": run_crop_local}
 
 
 def benchmark_context(conf: dict[str, Any], photos: str | Path, work_dir: Path) -> Context:

@@ -255,3 +255,11 @@ def test_unreadable_background_falls_back_with_a_log_line(img, tmp_path, caplog)
         out = edits.onto_bg(img, np.random.default_rng(0), backgrounds=[bad])
     assert out.label.startswith("onto_bg") and max(out.image.size) >= max(img.size)
     assert "broken.jpg" in caplog.text
+
+
+def test_screenshot_of_a_narrow_image_keeps_its_exact_transform() -> None:
+    narrow = Image.new("RGB", (40, 600), (200, 30, 30))
+    for seed in range(20):  # the frame's bars are taller than a narrow frame is wide
+        out = apply_edit("screenshot", narrow, np.random.default_rng(seed))
+        corners = map_points(out.transform, [(0, 0), (39, 599)])
+        assert (corners >= 0).all() and (corners < out.image.size).all()

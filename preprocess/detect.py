@@ -1,0 +1,305 @@
+"""Stage: find the pasted copy in each query with the overlay detector and crop it.
+
+    python -m preprocess.detect --images data/queryimages --work work
+
+Queries that are a small copy pasted onto another picture, a screenshot, a meme or a padded
+frame are mostly surroundings; cropping the copy gives the branches a query that is mostly the
+copy. The detector (``preprocess/assets``, trained on synthetic pastes by ``preprocess.train``)
+runs on batches of queries downscaled to ``imgsz``. Each query keeps its best box that is not
+almost the whole image (area <= ``max_area``), not too elongated (aspect within
+``max_aspect``) and not tiny (``min_side`` px). The box is used for the global branch when its
+confidence exceeds ``conf_global`` and for the local branch when it exceeds ``conf_local``.
+
+Writes, under ``<work>/preprocess/<conf>/<set>/``:
+
+- ``<set>-crop_global/`` and ``<set>-crop_local/``: one image per query, named by its id: the
+  crop (JPEG, cut from the full-resolution image, ``margin`` added on each side) when the
+  branch uses the box, otherwise the original file itself (hard-linked, or copied across file
+  systems: same bytes, same suffix);
+- ``boxes.csv``: ``query_id,x1,y1,x2,y2,conf,used_for`` in full-resolution pixels, one row per
+  decodable query (empty box: no box found; ``used_for`` ``global+local``, ``local`` or empty);
+- resumable shards (``common.shards``) of the boxes, and ``skipped.csv`` of undecodable queries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from common import UserError, cli
+from common.config import REPO_ROOT, output_name
+from common.images import ImageError, ImageSet, list_images, read_image, resize_long_side
+from common.io import atomic_path, clean_stale_tmp, dump_joblib, write_csv
+from common.logs import RunLog, start_run
+from common.parallel import resolve_n_jobs
+from common.shards import ShardStore, ShardTask
+
+STAGE = "preprocess"
+BRANCHES = ("global", "local")
+BOX_COLUMNS = ["query_id", "x1", "y1", "x2", "y2", "conf", "used_for"]
+NOT_IN_NAME = ("batch", "device", "weights")  # the weights count by their content
+
+
+@dataclass(frozen=True)
+class Box:
+    """A detection in full-resolution pixel edges (``0 <= x1 < x2 <= width``)."""
+
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    conf: float
+
+    @property
+    def width(self) -> float:
+        return self.x2 - self.x1
+
+    @property
+    def height(self) -> float:
+        return self.y2 - self.y1
+
+
+def select_box(boxes: list[Box], size: tuple[int, int], conf: dict[str, Any]) -> Box | None:
+    """The most confident box that passes the shape tests, or None."""
+    area = size[0] * size[1]
+    for box in sorted(boxes, key=lambda b: -b.conf):
+        if (box.conf >= conf["min_conf"]
+                and box.width * box.height <= conf["max_area"] * area
+                and min(box.width, box.height) >= conf["min_side"]
+                and 1 / conf["max_aspect"] <= box.width / box.height <= conf["max_aspect"]):
+            return box
+    return None
+
+
+def used_for(box: Box | None, conf: dict[str, Any]) -> list[str]:
+    """The branches whose confidence threshold ``box`` passes (strictly, as the ISC solution)."""
+    return [b for b in BRANCHES if box is not None and box.conf > conf[f"conf_{b}"]]
+
+
+def crop_region(box: Box, size: tuple[int, int], margin: float) -> tuple[int, int, int, int]:
+    """Integer pixel window of ``box`` grown by ``margin`` of its sides, inside the image."""
+    mx, my = margin * box.width, margin * box.height
+    return (max(0, math.floor(box.x1 - mx)), max(0, math.floor(box.y1 - my)),
+            min(size[0], math.ceil(box.x2 + mx)), min(size[1], math.ceil(box.y2 + my)))
+
+
+def resolve_device(device: str | int) -> str | int:
+    """``auto``: the first CUDA GPU if torch sees one, else the CPU."""
+    if device != "auto":
+        return device
+    import torch
+
+    return 0 if torch.cuda.is_available() else "cpu"
+
+
+class Detector:
+    """The overlay detector on batches of images (ultralytics YOLO, offline, CPU or GPU)."""
+
+    def __init__(self, conf: dict[str, Any], threads: int = 1,
+                 config_dir: str | Path | None = None):
+        from preprocess.yolo import load_model, set_threads, ultralytics_offline
+
+        ultralytics_offline(config_dir)
+        set_threads(threads)
+        self.conf = conf
+        self.model = load_model(conf["weights"])
+        self.device = resolve_device(conf["device"])
+
+    def small(self, path: str | Path) -> tuple[np.ndarray, tuple[int, int]]:
+        """The image as RGB with long side ``imgsz`` (reduced-scale JPEG decoding), and its
+        full size."""
+        rgb, size = read_image(path, "RGB", min_side=self.conf["imgsz"])
+        return resize_long_side(rgb, self.conf["imgsz"]), size
+
+    def detect(self, images: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[list[Box]]:
+        """All boxes over ``min_conf`` of each RGB image, scaled to its full ``size``."""
+        out: list[list[Box]] = []
+        for start in range(0, len(images), self.conf["batch"]):
+            batch = [np.ascontiguousarray(im[..., ::-1]) for im in
+                     images[start:start + self.conf["batch"]]]  # ultralytics wants BGR
+            results = self.model.predict(batch, imgsz=self.conf["imgsz"],
+                                         conf=self.conf["min_conf"], iou=0.5,
+                                         max_det=self.conf["max_det"], device=self.device,
+                                         verbose=False)
+            for im, size, result in zip(batch, sizes[start:], results, strict=False):
+                sx, sy = size[0] / im.shape[1], size[1] / im.shape[0]
+                xyxy = result.boxes.xyxy.cpu().numpy().astype(np.float64) * [sx, sy, sx, sy]
+                out.append([Box(*np.clip(b, 0, [*size, *size]).tolist(), float(c))
+                            for b, c in zip(xyxy, result.boxes.conf.cpu().numpy(), strict=True)])
+        return out
+
+
+def weights_digest(weights: str | Path) -> str:
+    path = Path(weights) if Path(weights).is_absolute() else REPO_ROOT / weights
+    return hashlib.sha1(path.read_bytes()).hexdigest()[:12] if path.is_file() else "missing"
+
+
+def output_root(conf: dict[str, Any], work_dir: str | Path) -> Path:
+    """Folder of all query sets' detections made with this configuration and these weights."""
+    section = {k: v for k, v in conf[STAGE].items() if k not in NOT_IN_NAME}
+    return Path(work_dir) / STAGE / output_name(section, weights_digest(conf[STAGE]["weights"]))
+
+
+def crop_folder(root: Path, branch: str) -> Path:
+    """Crops of one branch, named after the query set so that feature stores stay distinct."""
+    return root / f"{root.name}-crop_{branch}"
+
+
+def detections(conf: dict[str, Any], queries: str | Path, work_dir: str | Path) -> Path:
+    """The detection folder of a query set (named after the query folder or its store)."""
+    return output_root(conf, work_dir) / Path(queries).resolve().name
+
+
+def crops(conf: dict[str, Any], queries: str | Path, work_dir: str | Path,
+          branch: str) -> Path:
+    """The image folder that ``branch`` ("global" or "local") uses for these queries: one
+    image per query id, its crop or the original (``preprocess.detect`` must have run)."""
+    folder = crop_folder(detections(conf, queries, work_dir), branch)
+    if not (folder.parent / "boxes.csv").exists():
+        raise UserError(f"no detections of {queries} at {folder.parent}: run "
+                        f"`python -m preprocess.detect --images {queries}` first")
+    return folder
+
+
+def keep_original(src: Path, dst: Path) -> None:
+    """Put the original file at ``dst`` atomically: a hard link, or a copy if linking fails."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def write_crops(root: Path, image_id: str, path: Path, box: Box | None,
+                branches: list[str], margin: float, quality: int) -> None:
+    """The image each branch gets for this query: its crop or the original file."""
+    crop = None
+    if branches:
+        rgb, size = read_image(path, "RGB")
+        x1, y1, x2, y2 = crop_region(box, size, margin)
+        crop = Image.fromarray(rgb[y1:y2, x1:x2])
+    for branch in BRANCHES:
+        folder = crop_folder(root, branch)
+        if branch in branches:
+            with atomic_path(folder / f"{image_id}.jpg") as tmp:
+                crop.save(tmp, format="JPEG", quality=quality)
+        else:
+            keep_original(path, folder / f"{image_id}{path.suffix}")
+
+
+def detect_shard(task: ShardTask, detector: Detector, root: Path, run: RunLog) -> int:
+    """Detect, crop and record one shard of queries; return the number of images."""
+    conf = detector.conf
+    images, sizes, status = [], [], []
+    for image_id, path in zip(task.ids, task.paths, strict=True):
+        try:
+            small, size = detector.small(path)
+            images.append(small)
+            sizes.append(size)
+            status.append("")
+        except ImageError as err:
+            run.skip(image_id, path, str(err))
+            status.append(str(err))
+    found = iter(detector.detect(images, sizes))
+    boxes = np.full((len(task.ids), 4), np.nan, np.float32)
+    scores = np.zeros(len(task.ids), np.float32)
+    size_iter = iter(sizes)
+    for row, (image_id, path, error) in enumerate(zip(task.ids, task.paths, status,
+                                                       strict=True)):
+        if error:
+            continue
+        box = select_box(next(found), next(size_iter), conf)
+        if box is not None:
+            boxes[row], scores[row] = (box.x1, box.y1, box.x2, box.y2), box.conf
+        try:
+            write_crops(root, image_id, Path(path), box, used_for(box, conf), conf["margin"],
+                        conf["crop_quality"])
+        except ImageError as err:  # decodable at reduced scale, not in full
+            run.skip(image_id, path, str(err))
+            status[row] = str(err)
+    dump_joblib({"ids": list(task.ids), "status": status, "boxes": boxes, "conf": scores},
+                task.out)
+    return len(task.ids)
+
+
+def box_rows(store: ShardStore, conf: dict[str, Any]) -> tuple[list[list], list[list]]:
+    """Rows of ``boxes.csv`` and of the store's ``skipped.csv``."""
+    rows, skipped = [], []
+    for k in range(len(store.shards)):
+        shard = store.load(k)
+        for image_id, status, box, score in zip(shard["ids"], shard["status"], shard["boxes"],
+                                                shard["conf"], strict=True):
+            if status:
+                skipped.append([image_id, store.source_path(image_id), status])
+            elif np.isnan(box).any():
+                rows.append([image_id, "", "", "", "", "", ""])
+            else:
+                branches = used_for(Box(*box.tolist(), float(score)), conf)
+                rows.append([image_id, *(f"{v:.1f}" for v in box), f"{score:.4f}",
+                             "+".join(branches)])
+    return rows, skipped
+
+
+def main(conf: dict[str, Any], images: str | Path | ImageSet, work_dir: str | Path,
+         set_name: str | None = None) -> Path:
+    """Detect and crop the overlays of every query of ``images``; return ``boxes.csv``."""
+    image_set = images if isinstance(images, ImageSet) else list_images(images, set_name)
+    pconf = conf[STAGE]
+    root = output_root(conf, work_dir) / image_set.name
+    run = start_run(work_dir, f"{STAGE}.detect-{image_set.name}")
+    with run:
+        store = ShardStore.plan(root, image_set, conf["run"]["shard_size"])
+        for branch in BRANCHES:
+            clean_stale_tmp(crop_folder(root, branch))
+        tasks = store.tasks()
+        run.logger.info("%s: %d queries in %d shards, %d to detect, weights %s -> %s",
+                        image_set.name, len(store), len(store.shards), len(tasks),
+                        pconf["weights"], root)
+        if tasks:
+            cv2.setNumThreads(1)
+            detector = Detector(pconf, resolve_n_jobs(conf["run"]["n_jobs"]),
+                                Path(work_dir) / "ultralytics")
+            with tqdm(total=sum(len(t.ids) for t in tasks), desc=f"detect {image_set.name}",
+                      unit="img", dynamic_ncols=True, mininterval=0.5) as bar:
+                for task in tasks:
+                    bar.update(detect_shard(task, detector, root, run))
+        rows, skipped = box_rows(store, pconf)
+        write_csv(root / "skipped.csv", ["id", "path", "reason"], skipped)
+        out = write_csv(root / "boxes.csv", BOX_COLUMNS, rows)
+        n = {b: sum(b in r[6].split("+") for r in rows) for b in BRANCHES}
+        run.logger.info("%d queries: %d cropped for the global branch, %d for the local "
+                        "branch, %d skipped -> %s", len(rows), n["global"], n["local"],
+                        len(skipped), out)
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", required=True, type=Path, help="folder of query images")
+    parser.add_argument("--set-name", help="name of the image set (default: folder name)")
+    cli.add_common_args(parser)
+    return parser.parse_args(argv)
+
+
+def run_cli(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    cli.run_main(main, cli.config_from_args(args), args.images, args.work, args.set_name)
+
+
+if __name__ == "__main__":  # go through the package module so that workers can unpickle tasks
+    from preprocess import detect
+
+    detect.run_cli()
