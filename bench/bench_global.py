@@ -53,8 +53,11 @@ def main() -> None:
                         "has fewer)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="configuration override for the stage, e.g. global_fea.workers=0")
     args = parser.parse_args()
-    conf = load_config(overrides=[f"run.n_jobs={args.threads}", "global_fea.device=cpu"])
+    conf = load_config(overrides=[f"run.n_jobs={args.threads}", "global_fea.device=cpu",
+                                  *args.override])
     section = conf["global_fea"]
     torch.set_num_threads(args.threads)
     sources = list(list_images(args.images).paths)

@@ -303,6 +303,8 @@ def main() -> None:
     parser.add_argument("--block-mb", type=int, default=256,
                         help="exact search block (smaller than the 1x set: it streams)")
     parser.add_argument("--agreement-factors", type=int, nargs="*", default=[1, 10])
+    parser.add_argument("--no-compare", action="store_true",
+                        help="skip the comparison of compressed indexes on the devset")
     parser.add_argument("--point", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.point:
@@ -347,11 +349,13 @@ def main() -> None:
 
     # compressed indexes against exact search, on the devset (200 queries)
     trained_dir = root / "trained"
-    results.get("exact-q200-x1", {"kind": "exact", "refs": str(devset_refs.root),
-                                  "queries": str(queries), "query_ids": q200,
-                                  "block_mb": args.block_mb})
-    train_variants(features, training, trained_dir)
-    for factory, nprobe in COMPARED:
+    compared = [] if args.no_compare else COMPARED
+    if compared:
+        results.get("exact-q200-x1", {"kind": "exact", "refs": str(devset_refs.root),
+                                      "queries": str(queries), "query_ids": q200,
+                                      "block_mb": args.block_mb})
+        train_variants(features, training, trained_dir)
+    for factory, nprobe in compared:
         tdir = shipped_dir if factory == DEFAULT else str(trained_dir)
         tag = factory.replace(",", "_")
         build = results.get(f"cmp-build-{tag}", {

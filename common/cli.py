@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from common import UserError
 from common.config import load_config
@@ -44,12 +45,13 @@ def config_from_args(args: argparse.Namespace) -> dict:
     return load_config(args.config, overrides)
 
 
-def run_main(main, conf: dict, *args, **kwargs):
-    """Run a stage's ``main(conf, ...)`` on the configured executor (local processes, or the
-    Dask cluster of ``run.scheduler``); a user error becomes a one-line message and exit 2."""
+def run_main(main, conf: Any, *args, **kwargs):
+    """Run ``main(conf, ...)`` on the configured executor (local processes, or the Dask
+    cluster of ``run.scheduler`` when ``conf`` is a pipeline configuration); a user error
+    becomes a one-line message and exit 2."""
     setup_console()
     try:
-        with execution(conf["run"]):
+        with execution(conf.get("run") if isinstance(conf, dict) else None):
             result = main(conf, *args, **kwargs)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -65,12 +65,12 @@ def device_of(section: dict[str, Any]) -> torch.device:
 
 
 def loader_workers(section: dict[str, Any], device: torch.device, n_jobs: int | None) -> int:
-    """DataLoader workers: ``global_fea.workers``, or (auto) half the cores on CPU, where the
-    forward pass needs the others, and all of them (up to 8) next to a GPU."""
+    """DataLoader workers: ``global_fea.workers``, or (auto) all cores (up to 8) next to a GPU
+    and none on CPU: there decoding is ~5% of the time and the forward pass uses every core,
+    so worker processes only add their start-up and contention (``bench.bench_global``)."""
     if section["workers"] != "auto":
         return int(section["workers"])
-    cores = resolve_n_jobs(n_jobs)
-    return min(8, cores) if device.type == "cuda" else max(1, cores // 2)
+    return min(8, resolve_n_jobs(n_jobs)) if device.type == "cuda" else 0
 
 
 def load_square(path: str, size: int, max_pixels: int) -> np.ndarray:

@@ -86,9 +86,10 @@ class GlobalDescriptor(nn.Module):
         return feats.mean(dim=dims)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, S, S) -> normalised float input on the model's device."""
+        """uint8 (N, 3, S, S) -> normalised float input on the model's device, channels-last
+        (its convolutions run about twice as fast so on CPU)."""
         x = images.to(self.mean.device, non_blocking=True).float().div_(255.0)
-        return (x - self.mean) / self.std
+        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = self.pool(self.backbone.forward_features(x))

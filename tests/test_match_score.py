@@ -15,7 +15,6 @@ from common import UserError
 from common.config import REPO_ROOT, load_config
 from local_fea import extract, search
 from match_score.score import FEATURES, ScoreModel
-from merge import fuse
 from tests.conftest import DATA, kill_midway, python
 
 
@@ -53,24 +52,8 @@ def test_missing_or_stale_model_is_a_user_error(tmp_path: Path) -> None:
         ScoreModel.load(tmp_path / "none.json")
     (tmp_path / "old.json").write_text(
         '{"features": ["inliers"], "mean": [0], "scale": [1], "coef": [1], "intercept": 0}')
-    with pytest.raises(UserError, match="recalibrate"):
+    with pytest.raises(UserError, match="refit with `python -m match_score"):
         ScoreModel.load(tmp_path / "old.json")
-
-
-def test_merge_keeps_best_score_per_pair_and_caps(tmp_path: Path) -> None:
-    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
-    a.write_text("query_id,reference_id,view,score\nq1,r1,orig,0.2\nq1,r1,mirror,0.7\n"
-                 "q2,r9,orig,0.5\nq3,r3,orig,0\n")
-    b.write_text("query_id,reference_id,view,score\nq1,r1,orig,0.6\nq2,r2,orig,0.9\n")
-    conf = load_config(overrides=["merge.max_pairs=2"])
-    out = fuse.main(conf, None, None, tmp_path / "work", tmp_path / "sub.csv", [a, b])
-    assert out.read_text() == "query_id,reference_id,score\nq2,r2,0.9\nq1,r1,0.7\n"
-    conf = load_config()
-    out = fuse.main(conf, None, None, tmp_path / "work", tmp_path / "all.csv", [a, b])
-    with open(out) as f:
-        rows = list(csv.DictReader(f))
-    assert [(r["query_id"], r["reference_id"]) for r in rows] == [
-        ("q2", "r2"), ("q1", "r1"), ("q2", "r9")]  # zero-score pairs are left out
 
 
 def _verify_cmd(work: Path) -> list[str]:

@@ -122,3 +122,10 @@ def test_fuse_max_method_from_given_pair_files(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="unknown branch"):
         fuse.main(conf, None, None, tmp_path / "work", pair_files={"global": glob,
                                                                    "nonesuch": glob})
+
+
+def test_submission_is_best_first_tie_broken_by_ids_and_capped() -> None:
+    scores = {("q1", "r1"): 0.7, ("q2", "r2"): 0.9, ("q2", "r9"): 0.5, ("q0", "r5"): 0.7}
+    assert fuse.submission_rows(scores, 3) == [("q2", "r2", "0.9"), ("q0", "r5", "0.7"),
+                                               ("q1", "r1", "0.7")]
+    assert len(fuse.submission_rows(scores, 500_000)) == 4
