@@ -125,7 +125,7 @@ DETECTOR_OPTS ?=
 train-detector: install
 	$(PY) -m preprocess.synth --photos $(TRAIN_PHOTOS) --out $(SYNTH) \
 		--train 2000 --val 200 --test 400 --seed 0
-	$(PY) -m preprocess.train --data $(SYNTH) --out preprocess/assets/overlay_yolo.pt \
+	$(PY) -m preprocess.train --data $(SYNTH) --out preprocess/assets/overlay_yolo.safetensors \
 		--work $(WORK)/detector_train --epochs 12 --imgsz 192 --batch 16 --threads 2 $(DETECTOR_OPTS)
 
 clean:

@@ -59,7 +59,7 @@ class GlobalDescriptor(nn.Module):
         if conf.pool not in POOLS:
             raise UserError(f"global_fea.pool must be one of {POOLS}, not {conf.pool!r}")
         self.conf = conf
-        try:  # never pretrained=True: weights come from global_fea.weights, not from a hub
+        try:  # no hub download: the weights come from global_fea.weights
             self.backbone = timm.create_model(conf.arch, pretrained=False, num_classes=0,
                                               global_pool="")
         except RuntimeError as err:

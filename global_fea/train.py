@@ -210,7 +210,7 @@ def main(conf: TrainConf, photos: str | Path, out: str | Path) -> Path:
     model = make_model(conf).to(device)
     optimizer = make_optimizer(model, conf)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
-    state_path, start = out / "checkpoint.pt", 0
+    state_path, start = out / "train_state.pth", 0
     if state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])

@@ -15,14 +15,16 @@ missing package). It then undoes or replaces what would still reach the internet
 - ``check_amp``, which downloads reference weights to test mixed precision on a GPU, by
   "AMP on CUDA, off elsewhere" (training asks for AMP only with ``--amp``).
 
-Models are built from ultralytics' bundled architecture yaml files (``model_yaml``) or loaded
-from local ``.pt`` files (``load_model`` refuses a missing file instead of letting ultralytics
-look for it online). Training passes ``plots=False`` and starts from scratch or from a local
-file.
+Models are always built from an architecture yaml (``model_yaml``: ultralytics' bundled
+YOLOv8 at a custom scale). Trained weights are a plain fp16 safetensors file with that yaml in
+its metadata (``save_weights``/``load_model``): ultralytics' own weight loading, which looks
+unknown names up online and unpickles whole objects, is never used. Training passes
+``plots=False`` and starts from scratch or from such a file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from PIL import Image
 
 from common import UserError
 from common.config import REPO_ROOT
+from common.io import atomic_path, write_text
 
 DEFAULT_CONFIG_DIR = REPO_ROOT / "work" / "ultralytics"
 _patched = False
@@ -109,12 +112,45 @@ def model_yaml(out: str | Path, base: str = "yolov8.yaml", depth: float = 0.33,
     return out
 
 
+def save_weights(model: Any, out: str | Path) -> Path:
+    """Write a detection model's weights (fp16) with its architecture yaml in the metadata."""
+    from safetensors.torch import save_file
+
+    state = {k: (v.half() if v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in model.state_dict().items()}
+    cfg = {k: v for k, v in model.yaml.items() if k != "yaml_file"}  # no local paths
+    architecture = yaml.safe_dump(cfg, sort_keys=False)
+    with atomic_path(out) as tmp:
+        save_file(state, str(tmp), metadata={"architecture": architecture})
+    return Path(out)
+
+
 def load_model(weights: str | Path):
-    """A YOLO model from a local weights file (never looked up online)."""
+    """A YOLO model built from the architecture stored with ``weights`` (a ``save_weights``
+    file on this machine), with those weights loaded."""
+    from safetensors import SafetensorError, safe_open
+
     path = Path(weights)
     if not path.is_absolute() and not path.exists():
         path = REPO_ROOT / path
     if not path.is_file():
         raise UserError(f"detector weights not found: {weights} (train them with "
                         "`make train-detector`, see README)")
-    return ultralytics_offline().YOLO(str(path), task="detect")
+    try:
+        with safe_open(str(path), "pt") as f:
+            architecture = (f.metadata() or {}).get("architecture")
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"detector weights {path} are not a safetensors file: {err}") from None
+    if not architecture:
+        raise UserError(f"detector weights {path} carry no architecture: export them with "
+                        "`python -m preprocess.train`")
+    yolo = ultralytics_offline()
+    name = hashlib.sha1(architecture.encode()).hexdigest()[:12]
+    cfg = write_text(Path(os.environ["YOLO_CONFIG_DIR"]) / f"detector-{name}.yaml", architecture)
+    model = yolo.YOLO(str(cfg), task="detect")
+    try:
+        model.model.load_state_dict(state)
+    except RuntimeError as err:
+        raise UserError(f"detector weights {path} do not fit their architecture: {err}") from None
+    return model

@@ -21,6 +21,7 @@ from merge.features import gather
 from preprocess import crop_local, detect, synth
 from preprocess.detect import Box, select_box, used_for
 from preprocess.evaluate import iou
+from preprocess.yolo import load_model
 from tests.conftest import DATA, demo_references, offline_env, python
 
 MAGENTA = (255, 0, 255)
@@ -247,7 +248,7 @@ def test_training_and_detection_run_with_the_network_blocked(tmp_path: Path) -> 
     env.pop("YOLO_CONFIG_DIR", None)
     env.pop("YOLO_OFFLINE", None)
     data = tmp_path / "synth"
-    weights = tmp_path / "detector.pt"
+    weights = tmp_path / "detector.safetensors"
 
     def run(*args: str) -> None:
         proc = subprocess.run([python(), "-m", *args], env=env, capture_output=True, text=True,
@@ -258,12 +259,30 @@ def test_training_and_detection_run_with_the_network_blocked(tmp_path: Path) -> 
         "--train", "8", "--val", "4", "--test", "4", "--n-jobs", "1")
     run("preprocess.train", "--data", str(data), "--out", str(weights), "--work",
         str(tmp_path / "train"), "--epochs", "1", "--imgsz", "64", "--batch", "4")
+    run("preprocess.train", "--data", str(data), "--out", str(tmp_path / "again.safetensors"),
+        "--work", str(tmp_path / "train2"), "--epochs", "1", "--imgsz", "64", "--batch", "4",
+        "--init", str(weights))  # training goes on from shipped weights
     run("preprocess.detect", "--images", str(DATA / "queryimages"), "--work",
         str(tmp_path / "work"), "-o", f"preprocess.weights={weights}", "-o",
         "preprocess.imgsz=64", "--n-jobs", "1")
     assert weights.stat().st_size < 5e6
+    assert load_model(tmp_path / "again.safetensors").model.yaml["nc"] == 1
     assert json.loads(weights.with_suffix(".json").read_text())["test"]["samples"] == 4
     assert not (tmp_path / "network.log").exists()
     fonts = list(tmp_path.rglob("*.ttf"))
     assert fonts == []
     assert next((tmp_path / "work").rglob("boxes.csv")).read_text().count("\n") == 37
+
+
+def test_detector_weights_must_be_an_exported_safetensors_file(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    with pytest.raises(UserError, match="not found"):
+        load_model(tmp_path / "none.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(UserError, match="not a safetensors file"):
+        load_model(tmp_path / "junk.safetensors")
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "bare.safetensors"))
+    with pytest.raises(UserError, match="carry no architecture"):
+        load_model(tmp_path / "bare.safetensors")
