@@ -31,9 +31,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 def add_set_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """``--queries`` and ``--references``: image folders, or the feature stores made of them."""
     parser.add_argument("--queries", required=required, type=Path,
-                        help="query images (or their feature store)")
+                        help="query images (the local stages also take their feature store)")
     parser.add_argument("--references", required=required, type=Path,
-                        help="reference images (or their feature store)")
+                        help="reference images (the local stages also take their feature store)")
 
 
 def config_from_args(args: argparse.Namespace) -> dict:
@@ -59,3 +59,25 @@ def run_main(main, conf: Any, *args, **kwargs):
     if result is not None:
         print(result)
     return result
+
+
+def run_set_stage(main, doc: str, argv: list[str] | None = None):
+    """The whole command line of a stage whose inputs are a query and a reference set:
+    ``main(conf, queries, references, work_dir)`` with the common arguments."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    add_set_args(parser)
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    return run_main(main, config_from_args(args), args.queries, args.references, args.work)
+
+
+def run_fit_stage(main, doc: str, model_key: str, argv: list[str] | None = None):
+    """The whole command line of a calibration: ``main(conf, photos, work_dir, out)`` fits a
+    model on training photos and writes it to ``--out`` (default: the ``model_key`` entry)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--photos", required=True, type=Path,
+                        help="training photos (never the references of a test set)")
+    parser.add_argument("--out", type=Path, help=f"model file (default: {model_key})")
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    return run_main(main, config_from_args(args), args.photos, args.work, args.out)

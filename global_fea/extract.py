@@ -19,7 +19,6 @@ in the h5. The file is written to a temporary name and renamed, so it is complet
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -254,18 +253,8 @@ def main(conf: dict[str, Any], queries: str | Path, references: str | Path,
     return write_h5(out, stores, codec, mirror, {"stores": stamp, "whitening": codec.label})
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--queries", required=True, type=Path, help="folder of query images")
-    parser.add_argument("--references", required=True, type=Path,
-                        help="folder of reference images")
-    cli.add_common_args(parser)
-    return parser.parse_args(argv)
-
-
 def run_cli(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    cli.run_main(main, cli.config_from_args(args), args.queries, args.references, args.work)
+    cli.run_set_stage(main, __doc__, argv)
 
 
 if __name__ == "__main__":  # go through the package module so that workers can unpickle tasks

@@ -16,7 +16,6 @@ all of them.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import threading
 from pathlib import Path
@@ -221,16 +220,8 @@ def main(
     return candidates
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    cli.add_set_args(parser)
-    cli.add_common_args(parser)
-    return parser.parse_args(argv)
-
-
 def run_cli(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    cli.run_main(main, cli.config_from_args(args), args.queries, args.references, args.work)
+    cli.run_set_stage(main, __doc__, argv)
 
 
 if __name__ == "__main__":  # go through the package module so that workers can unpickle tasks

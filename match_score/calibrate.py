@@ -11,7 +11,6 @@ model is written to ``match_score.score_model`` (shipped in the repository).
 
 from __future__ import annotations
 
-import argparse
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -78,23 +77,12 @@ def main(conf: dict[str, Any], photos: str | Path, work_dir: str | Path,
         model = ScoreModel.fit(keep, labels, trained_on=f"{photos} {BENCHMARK}")
         out = Path(out) if out else REPO_ROOT / conf["match_score"]["score_model"]
         model.save(out)
-        run.logger.info("coefficients %s -> %s",
-                        dict(zip(model.features, np.round(model.coef, 3), strict=True)), out)
+        run.logger.info("coefficients %s -> %s", model.weights(), out)
     return out
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--photos", required=True, type=Path,
-                        help="training photos (never the references of a test set)")
-    parser.add_argument("--out", type=Path, help="model file (default: match_score.score_model)")
-    cli.add_common_args(parser)
-    return parser.parse_args(argv)
-
-
 def run_cli(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    cli.run_main(main, cli.config_from_args(args), args.photos, args.work, args.out)
+    cli.run_fit_stage(main, __doc__, "match_score.score_model", argv)
 
 
 if __name__ == "__main__":  # go through the package module so that workers can unpickle tasks

@@ -13,7 +13,6 @@ when the ground truth says the query was made from the reference. The model is w
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -62,11 +61,15 @@ def run_crop_local(conf: dict[str, Any], bench: Path, work_dir: Path) -> None:
 RUNNERS = {"local": run_local, "global": run_global, "crop_local": run_crop_local}
 
 
+def benchmark_root(work_dir: Path) -> Path:
+    return work_dir / "calibration" / f"fusion-benchmark-{BENCHMARK['seed']}"
+
+
 def benchmark_context(conf: dict[str, Any], photos: str | Path, work_dir: Path) -> Context:
     """Build the calibration benchmark and run every configured branch on it."""
     root = work_dir / "calibration"
     parts = split_photos(photos, root / "trainsplit")
-    bench = root / f"fusion-benchmark-{BENCHMARK['seed']}"
+    bench = benchmark_root(work_dir)
     if not (bench / "gt.csv").exists():
         make_benchmark(parts["calib"], bench, force=True, **BENCHMARK)
     for name in conf["merge"]["branches"]:
@@ -99,8 +102,7 @@ def main(conf: dict[str, Any], photos: str | Path, work_dir: str | Path,
     run = start_run(work_dir, "merge.calibrate")
     with run:
         table = gather(ctx, selected(conf["merge"]["branches"]))
-        bench = work_dir / "calibration" / f"fusion-benchmark-{BENCHMARK['seed']}"
-        labels = labels_of(table, bench / "gt.csv")
+        labels = labels_of(table, benchmark_root(work_dir) / "gt.csv")
         run.logger.info("fitting on %d candidate pairs (%d copies) with features %s",
                         len(labels), labels.sum(), table.features)
         model = FusionModel.fit(table, labels, trained_on=f"{photos} calib part {BENCHMARK}")
@@ -110,18 +112,8 @@ def main(conf: dict[str, Any], photos: str | Path, work_dir: str | Path,
     return out
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--photos", required=True, type=Path,
-                        help="training photos (never the references of a test set)")
-    parser.add_argument("--out", type=Path, help="model file (default: merge.fusion_model)")
-    cli.add_common_args(parser)
-    return parser.parse_args(argv)
-
-
 def run_cli(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    cli.run_main(main, cli.config_from_args(args), args.photos, args.work, args.out)
+    cli.run_fit_stage(main, __doc__, "merge.fusion_model", argv)
 
 
 if __name__ == "__main__":  # go through the package module so that workers can unpickle tasks

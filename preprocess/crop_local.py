@@ -13,7 +13,6 @@ already matched. The crops keep the query ids, so ``pairs.csv`` has the original
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -68,19 +67,8 @@ def main(conf: dict[str, Any], queries: str | Path, references: str | Path,
     return verify.main(conf, q_store, r_store, work_dir)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--queries", required=True, type=Path,
-                        help="query images (as given to preprocess.detect)")
-    parser.add_argument("--references", required=True, type=Path,
-                        help="reference images (or their feature store)")
-    cli.add_common_args(parser)
-    return parser.parse_args(argv)
-
-
 def run_cli(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    cli.run_main(main, cli.config_from_args(args), args.queries, args.references, args.work)
+    cli.run_set_stage(main, __doc__, argv)
 
 
 if __name__ == "__main__":  # go through the package module so that workers can unpickle tasks
