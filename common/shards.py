@@ -27,7 +27,7 @@ import numpy as np
 from common import UserError
 from common.config import digest
 from common.images import ImageSet
-from common.io import clean_stale_tmp, write_json
+from common.io import clean_stale_tmp, write_csv, write_json
 
 MANIFEST = "manifest.json"
 
@@ -119,6 +119,17 @@ class ShardStore:
 
     def source_path(self, image_id: str) -> Path:
         return Path(self.manifest["source"]) / self.manifest["paths"][image_id]
+
+    def write_skipped(self) -> int:
+        """Write the store's ``skipped.csv`` (all runs so far): the images whose shard
+        ``status`` says why they could not be read; return how many."""
+        rows = []
+        for k in range(len(self.shards)):
+            shard = self.load(k)
+            rows += [(i, self.source_path(i), s)
+                     for i, s in zip(shard["ids"], shard["status"], strict=True) if s]
+        write_csv(self.root / "skipped.csv", ["id", "path", "reason"], rows)
+        return len(rows)
 
     def missing(self) -> list[int]:
         """Indices of shards not written yet."""

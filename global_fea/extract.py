@@ -39,7 +39,6 @@ from common.parallel import resolve_n_jobs
 from common.shards import ShardStore
 from global_fea import weights, whiten
 from global_fea.model import GlobalDescriptor
-from local_fea.extract import write_store_skips
 
 STAGE = "global_fea"
 H5 = "descriptors.h5"
@@ -139,7 +138,7 @@ def extract_set(
                         len(store), len(store.shards), len(todo), root)
         if todo:
             describe_shards(store, todo, section, conf["run"]["n_jobs"], mirror, run)
-        skipped = write_store_skips(store)
+        skipped = store.write_skipped()
         run.logger.info("%s: %d of %d images skipped in all (%s)", image_set.name, skipped,
                         len(store), root / "skipped.csv")
     return root

@@ -19,7 +19,7 @@ import numpy as np
 from common import UserError, cli
 from common.config import output_name
 from common.images import ImageError, ImageSet, list_images
-from common.io import dump_joblib, write_csv
+from common.io import dump_joblib
 from common.logs import RunLog, start_run
 from common.parallel import limit_threads, parallel_map
 from common.shards import MANIFEST, ShardStore, ShardTask, pack
@@ -119,21 +119,10 @@ def main(
         if n_kpts:
             run.logger.info("%d images described, %.0f keypoints per image on average",
                             len(n_kpts), float(np.mean(n_kpts)))
-        n_skipped = write_store_skips(store)
+        n_skipped = store.write_skipped()
         run.logger.info("%s: %d of %d images skipped in all (%s)", image_set.name, n_skipped,
                         len(store), root / "skipped.csv")
     return root
-
-
-def write_store_skips(store: ShardStore) -> int:
-    """Write ``skipped.csv`` of the whole store (all runs); return how many images it lists."""
-    rows = []
-    for k in range(len(store.shards)):
-        shard = store.load(k)
-        rows += [(i, store.source_path(i), s) for i, s in zip(shard["ids"], shard["status"],
-                                                               strict=True) if s]
-    write_csv(store.root / "skipped.csv", ["id", "path", "reason"], rows)
-    return len(rows)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -235,22 +235,23 @@ def detect_shard(task: ShardTask, detector: Detector, root: Path, run: RunLog) -
     return len(task.ids)
 
 
-def box_rows(store: ShardStore, conf: dict[str, Any]) -> tuple[list[list], list[list]]:
-    """Rows of ``boxes.csv`` and of the store's ``skipped.csv``."""
-    rows, skipped = [], []
+def box_rows(store: ShardStore, conf: dict[str, Any]) -> list[list]:
+    """Rows of ``boxes.csv``: the queries that could be read (skipped ones are in the store's
+    ``skipped.csv``)."""
+    rows = []
     for k in range(len(store.shards)):
         shard = store.load(k)
         for image_id, status, box, score in zip(shard["ids"], shard["status"], shard["boxes"],
                                                 shard["conf"], strict=True):
             if status:
-                skipped.append([image_id, store.source_path(image_id), status])
-            elif np.isnan(box).any():
+                continue
+            if np.isnan(box).any():
                 rows.append([image_id, "", "", "", "", "", ""])
             else:
                 branches = used_for(Box(*box.tolist(), float(score)), conf)
                 rows.append([image_id, *(f"{v:.1f}" for v in box), f"{score:.4f}",
                              "+".join(branches)])
-    return rows, skipped
+    return rows
 
 
 def main(conf: dict[str, Any], images: str | Path | ImageSet, work_dir: str | Path,
@@ -276,13 +277,12 @@ def main(conf: dict[str, Any], images: str | Path | ImageSet, work_dir: str | Pa
                       unit="img", dynamic_ncols=True, mininterval=0.5) as bar:
                 for task in tasks:
                     bar.update(detect_shard(task, detector, root, run))
-        rows, skipped = box_rows(store, pconf)
-        write_csv(root / "skipped.csv", ["id", "path", "reason"], skipped)
+        rows, skipped = box_rows(store, pconf), store.write_skipped()
         out = write_csv(root / "boxes.csv", BOX_COLUMNS, rows)
         n = {b: sum(b in r[6].split("+") for r in rows) for b in BRANCHES}
         run.logger.info("%d queries: %d cropped for the global branch, %d for the local "
                         "branch, %d skipped -> %s", len(rows), n["global"], n["local"],
-                        len(skipped), out)
+                        skipped, out)
     return out
 
 
