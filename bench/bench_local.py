@@ -30,7 +30,8 @@ def stage_commands(query: Path, ref: Path, work: Path, out: Path) -> list[tuple[
         ("extract queries", ["local_fea.extract", "--images", str(query), "--mirror"]),
         ("search", ["local_fea.search", *sets]),
         ("verify", ["match_score.verify", *sets]),
-        ("merge", ["merge.fuse", *sets, "--out", str(out)]),
+        ("merge", ["merge.fuse", *sets, "--out", str(out), "-o", "merge.branches=[local]",
+                   "-o", "merge.method=max"]),  # the local branch's submission
     ]
 
 

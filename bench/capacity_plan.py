@@ -103,7 +103,7 @@ def plan(data: dict, gpu_tflops: float, efficiency: float) -> str:
         f"| reference descriptors | {REFS:,} refs × {d_r:.0f} desc (measured mean; the "
         f"issue's ≈600 is the same order) | {n_r / 1e6:,.0f} M |",
         f"| query descriptors | {QUERIES:,} queries × {VIEWS} views (original, mirror) × "
-        f"{d_q / VIEWS:.0f} desc | {n_q / 1e6:,.1f} M |",
+        f"{d_q:.0f} desc | {n_q / 1e6:,.1f} M |",
         f"| candidate pairs to verify | {QUERIES:,} × {VIEWS} views × C={C} | {pairs:,} |",
         "", "## Measured unit costs (one core)", "",
         "| cost | value | from |", "|---|---|---|",

@@ -104,3 +104,15 @@ def worker_device(gpu: bool | str = "auto") -> str:
     if n == 0:
         return "cpu"
     return f"cuda:{claim_slot(n, names=_physical_ids(n))}"
+
+
+def torch_device(name: str | int, key: str) -> str:
+    """A stage's ``device`` setting (``key`` names it in errors) as a torch device: ``auto``
+    claims a GPU of this node for this process (``worker_device``), else the CPU; an explicit
+    ``cuda``/``cuda:N``/``N`` must exist."""
+    if name == "auto":
+        return worker_device("auto")
+    name = f"cuda:{name}" if str(name).isdigit() else str(name)
+    if name.startswith("cuda") and torch_gpus() == 0:
+        raise UserError(f"{key}={name} but torch sees no GPU")
+    return name

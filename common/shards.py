@@ -121,13 +121,14 @@ class ShardStore:
         return Path(self.manifest["source"]) / self.manifest["paths"][image_id]
 
     def write_skipped(self) -> int:
-        """Write the store's ``skipped.csv`` (all runs so far): the images whose shard
-        ``status`` says why they could not be read; return how many."""
+        """Write the store's ``skipped.csv`` (all runs so far): the images of the set whose
+        shard ``status`` says why they could not be read; return how many."""
         rows = []
         for k in range(len(self.shards)):
             shard = self.load(k)
             rows += [(i, self.source_path(i), s)
-                     for i, s in zip(shard["ids"], shard["status"], strict=True) if s]
+                     for i, s in zip(shard["ids"], shard["status"], strict=True)
+                     if s and not self.is_removed(i)]
         write_csv(self.root / "skipped.csv", ["id", "path", "reason"], rows)
         return len(rows)
 
@@ -144,10 +145,14 @@ class ShardStore:
         ]
 
     def load(self, k: int, cache: bool = True) -> dict[str, Any]:
-        """Shard ``k`` with its arrays memory-mapped, cached per process; ``cache=False`` for
-        a one-pass stream over many shards (its pages are released once it is dropped)."""
-        path = str(self.shard_path(k))
-        return _load_shard(path) if cache else joblib.load(path, mmap_mode="r")
+        """Shard ``k`` with its arrays memory-mapped, cached per process (a rewritten shard
+        file is read again); ``cache=False`` for a one-pass stream over many shards (its pages
+        are released once it is dropped)."""
+        path = self.shard_path(k)
+        if not cache:
+            return joblib.load(path, mmap_mode="r")
+        stat = path.stat()
+        return _load_shard(str(path), stat.st_mtime_ns, stat.st_ino)
 
     def locate(self, image_id: str) -> tuple[int, int]:
         """(shard, row) of an image id."""
@@ -167,7 +172,7 @@ class ShardStore:
 
 
 @functools.lru_cache(maxsize=128)
-def _load_shard(path: str) -> dict[str, Any]:
+def _load_shard(path: str, mtime_ns: int, inode: int) -> dict[str, Any]:
     return joblib.load(path, mmap_mode="r")
 
 

@@ -33,10 +33,10 @@ def restrict(gt: GroundTruth, queries: Iterable[str]) -> GroundTruth:
 
 
 def subset_metrics(predictions, gt: GroundTruth, edits: dict[str, str],
-                   kinds: Sequence[str]) -> Metrics:
-    """Metrics on the queries having any of ``kinds``."""
-    chosen = [q for q, chain in edits.items() if edit_kinds(chain) & set(kinds)]
-    return evaluate(predictions, restrict(gt, chosen))
+                   kinds: Sequence[str]) -> tuple[int, Metrics]:
+    """(number of queries, metrics) on the queries having any of ``kinds``."""
+    subset = restrict(gt, [q for q, chain in edits.items() if edit_kinds(chain) & set(kinds)])
+    return len(subset.queries), evaluate(predictions, subset)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -51,13 +51,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     gt, predictions = load_ground_truth(args.gt), load_predictions(args.predictions)
     edits = {r["query_id"]: r["edits"] for r in read_csv(args.edits)}
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    rows = [("+".join(kinds), subset_metrics(predictions, gt, edits, kinds))]
-    rows += [(k, subset_metrics(predictions, gt, edits, [k])) for k in kinds if len(kinds) > 1]
-    rows.append(("all", evaluate(predictions, gt)))
+    known = set().union(*map(edit_kinds, edits.values()))
+    unknown = sorted(set(kinds) - known)
+    if unknown:
+        p.error(f"no query of {args.edits} has the edit kind(s) {unknown}; its kinds: "
+                f"{', '.join(sorted(known))}")
+    rows = [("+".join(kinds), *subset_metrics(predictions, gt, edits, kinds))]
+    rows += [(k, *subset_metrics(predictions, gt, edits, [k])) for k in kinds if len(kinds) > 1]
+    rows.append(("all", len(gt.queries), evaluate(predictions, gt)))
     print(f"{'queries':<24}{'n':>5}{'pos':>5}{'micro-AP':>10}{'R@P90':>8}{'R@1':>8}")
-    for name, m in rows:
-        n = len(gt.queries) if name == "all" else len(restrict(gt, [
-            q for q, c in edits.items() if edit_kinds(c) & set(name.split("+"))]).queries)
+    for name, n, m in rows:
         print(f"{name:<24}{n:>5}{m.n_positives:>5}{m.micro_ap:>10.4f}{m.recall_at_p90:>8.4f}"
               f"{m.recall_at_rank1:>8.4f}")
     return 0

@@ -29,9 +29,11 @@ import h5py
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
-from common import UserError, cli
+from common import cli
 from common.config import digest, output_name
+from common.devices import torch_device
 from common.images import ImageError, ImageSet, list_images, read_image
 from common.io import atomic_path, dump_joblib
 from common.logs import RunLog, start_run
@@ -53,13 +55,8 @@ def model_root(conf: dict[str, Any], work_dir: str | Path) -> Path:
 
 
 def device_of(section: dict[str, Any]) -> torch.device:
-    """``global_fea.device``: ``auto`` is the first GPU when torch sees one, else the CPU."""
-    name = section["device"]
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"global_fea.device={name} but torch sees no GPU")
-    return torch.device(name)
+    """``global_fea.device``: ``auto`` is a GPU of its own when torch sees any, else the CPU."""
+    return torch.device(torch_device(section["device"], "global_fea.device"))
 
 
 def loader_workers(section: dict[str, Any], device: torch.device, n_jobs: int | None) -> int:
@@ -147,8 +144,6 @@ def extract_set(
 def describe_shards(store: ShardStore, todo: list[int], section: dict[str, Any],
                     n_jobs: int | None, mirror: bool, run: RunLog) -> None:
     """Describe the images of shards ``todo``; write each shard as soon as it is complete."""
-    from tqdm import tqdm
-
     device = device_of(section)
     if device.type == "cpu":
         torch.set_num_threads(resolve_n_jobs(n_jobs))
@@ -183,15 +178,12 @@ def describe_shards(store: ShardStore, todo: list[int], section: dict[str, Any],
 
 
 def valid_rows(store: ShardStore) -> Iterator[tuple[int, list[int], list[str]]]:
-    """(shard, rows, ids) of the described (not skipped) images of each shard."""
+    """(shard, rows, ids) of the described (not skipped, not removed) images of each shard."""
     for k in range(len(store.shards)):
         shard = store.load(k)
-        rows = [r for r, s in enumerate(shard["status"]) if not s]
+        rows = [r for r, (i, s) in enumerate(zip(shard["ids"], shard["status"], strict=True))
+                if not s and not store.is_removed(i)]
         yield k, rows, [shard["ids"][r] for r in rows]
-
-
-def sorted_ids(store: ShardStore) -> list[str]:
-    return sorted(i for _, _, ids in valid_rows(store) for i in ids)
 
 
 def write_h5(out: Path, stores: dict[str, ShardStore], codec: whiten.Codec, mirror: bool,
@@ -200,7 +192,8 @@ def write_h5(out: Path, stores: dict[str, ShardStore], codec: whiten.Codec, mirr
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update(attrs)
         for role, store in stores.items():
-            ids = sorted_ids(store)
+            valid = list(valid_rows(store))
+            ids = sorted(i for _, _, shard_ids in valid for i in shard_ids)
             position = {image_id: i for i, image_id in enumerate(ids)}
             keys = ["desc", "mirror"] if role == "query" and mirror else ["desc"]
             sets = {}
@@ -211,7 +204,8 @@ def write_h5(out: Path, stores: dict[str, ShardStore], codec: whiten.Codec, mirr
                                              chunks=(max(1, min(len(ids), 4096)), max(dim, 1)))
             f.create_dataset(f"{role}_ids", data=np.array(ids, dtype=object),
                              dtype=h5py.string_dtype())
-            for k, rows, shard_ids in valid_rows(store):
+            for k, rows, shard_ids in tqdm(valid, desc=f"h5 {role}", unit="shard",
+                                           dynamic_ncols=True, mininterval=0.5):
                 if not rows:
                     continue
                 where = np.array([position[i] for i in shard_ids])
@@ -244,7 +238,7 @@ def main(conf: dict[str, Any], queries: str | Path, references: str | Path,
     r_root = extract_set(conf, references, work_dir, set_name=set_names[1])
     stores = {"query": ShardStore(q_root), "reference": ShardStore(r_root)}
     out = h5_path(conf, q_root, r_root, work_dir)
-    stamp = digest([s.manifest["shards"] for s in stores.values()], mirror, codec.label)
+    stamp = digest([s.revision for s in stores.values()], mirror, codec.label)
     if out.exists():
         with h5py.File(out, "r") as f:
             if f.attrs.get("stores") == stamp:

@@ -98,14 +98,15 @@ def best_per_pair(
 
 def search_block(f: h5py.File, views: dict[str, np.ndarray], rows: np.ndarray, bank: np.ndarray,
                  section: dict[str, Any], gpu: bool) -> list[tuple]:
-    """Top-k rows of the query rows ``rows`` (all views)."""
-    hits = {}
-    for view, x in views.items():
-        q = x[rows]
-        sims, ids = knn.exact_search(q, reference_blocks(f["reference"], section["block"]),
-                                     section["k"], gpu, knn.IP)
-        offsets = norm_offsets(q, bank, section["norm_k"], section["norm_beta"], gpu)
-        hits[view] = (sims, ids, offsets)
+    """Top-k rows of the query rows ``rows`` (all views, searched in one pass over the
+    references)."""
+    q = np.concatenate([x[rows] for x in views.values()])
+    sims, ids = knn.exact_search(q, reference_blocks(f["reference"], section["block"]),
+                                 section["k"], gpu, knn.IP)
+    offsets = norm_offsets(q, bank, section["norm_k"], section["norm_beta"], gpu)
+    n = len(rows)
+    hits = {view: (sims[v * n:(v + 1) * n], ids[v * n:(v + 1) * n], offsets[v * n:(v + 1) * n])
+            for v, view in enumerate(views)}
     return best_per_pair(rows, hits, section["k"])
 
 
@@ -189,12 +190,10 @@ class GlobalScorer:
             self.views = query_views(f)
             self.q_row = {i: n for n, i in enumerate(read_ids(f["query_ids"]))}
             self.r_row = {i: n for n, i in enumerate(read_ids(f["reference_ids"]))}
-        self.h5 = h5
-        gpu = knn.use_gpu(section, STAGE)
-        bank = (whiten.load_bank(conf["global_fea"]) if section["norm_beta"]
-                else np.zeros((0, 1), np.float32))
-        self.offsets = {v: norm_offsets(x, bank, section["norm_k"], section["norm_beta"], gpu)
-                        for v, x in self.views.items()}
+        self.h5, self.section = h5, section
+        self.gpu = knn.use_gpu(section, STAGE)
+        self.bank = (whiten.load_bank(conf["global_fea"]) if section["norm_beta"]
+                     else np.zeros((0, 1), np.float32))
 
     def score(self, pairs: Sequence[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
         """(similarity, normalised similarity) per pair, best view; NaN when a side has no
@@ -215,9 +214,12 @@ class GlobalScorer:
                 refs = np.asarray(dataset[rows], np.float32)[inverse]
         best_sim = np.full(len(known), -np.inf, np.float32)
         best_norm = np.full(len(known), -np.inf, np.float32)
-        for view, x in self.views.items():
+        q_rows, q_inverse = np.unique(q, return_inverse=True)  # offsets of these queries only
+        for x in self.views.values():
+            offsets = norm_offsets(x[q_rows], self.bank, self.section["norm_k"],
+                                   self.section["norm_beta"], self.gpu)[q_inverse]
             sim = np.einsum("nd,nd->n", x[q], refs)
-            norm = sim - self.offsets[view][q]
+            norm = sim - offsets
             better = norm > best_norm
             best_sim[better], best_norm[better] = sim[better], norm[better]
         sims[known], norms[known] = best_sim, best_norm

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import logging
 import math
 import time
@@ -41,9 +42,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from common import UserError
 from common.cli import run_main
+from common.devices import torch_device
 from common.edits import random_chain
 from common.images import ImageError, list_images, read_image, resize_long_side
-from common.io import atomic_path
+from common.io import atomic_path, read_csv, write_csv
 from common.logs import setup_console
 from global_fea import weights
 from global_fea.extract import SPAWN
@@ -77,9 +79,15 @@ class TrainConf:
     threads: int = 0  # torch CPU threads (0: torch's default)
     save_every: int = 100
 
+    # may differ on a resume: resources, and the number of steps (training goes on further)
+    RESUME_MAY_CHANGE = ("device", "workers", "threads", "save_every", "steps")
+
     def model_conf(self) -> ModelConf:
         return ModelConf(arch=self.arch, pool=self.pool, gem_p=self.gem_p,
                          proj_dim=self.proj_dim, image_size=self.image_size)
+
+
+LOG_COLUMNS = ["step", "loss", "infonce", "entropy", "lr", "seconds"]
 
 
 class CopyPairs(Dataset):
@@ -95,10 +103,15 @@ class CopyPairs(Dataset):
     def __len__(self) -> int:
         return self.length
 
+    @functools.lru_cache(maxsize=2)  # noqa: B019 (one dataset per run, two epochs at most)
+    def order(self, epoch: int) -> np.ndarray:
+        """The photos' order in ``epoch``."""
+        return np.random.default_rng([self.conf.seed, epoch]).permutation(len(self.paths))
+
     def photo(self, n: int) -> Image.Image:
         epoch, i = divmod(n, len(self.paths))
-        order = np.random.default_rng([self.conf.seed, epoch]).permutation(len(self.paths))
-        rgb, _ = read_image(self.paths[order[i]], "RGB", min_side=self.conf.image_size)
+        rgb, _ = read_image(self.paths[self.order(epoch)[i]], "RGB",
+                            min_side=self.conf.image_size)
         return Image.fromarray(resize_long_side(rgb, 2 * self.conf.image_size))
 
     def square(self, img: Image.Image) -> torch.Tensor:
@@ -148,12 +161,7 @@ def lr_at(step: int, conf: TrainConf) -> float:
 def make_model(conf: TrainConf) -> GlobalDescriptor:
     """The descriptor with its initial weights; the first ``freeze`` of the backbone's
     tensors (stem and early blocks: generic edges and textures) are not trained."""
-    model = GlobalDescriptor(conf.model_conf())
-    source = weights.resolve(conf.init)
-    if source == weights.IMAGENET:
-        weights.load_imagenet(model.backbone, conf.arch)
-    elif source != weights.RANDOM:
-        weights.load_checkpoint(model, source)
+    model = weights.load_weights(GlobalDescriptor(conf.model_conf()), conf.init).train()
     params = list(model.backbone.parameters())
     for p in params[:int(conf.freeze * len(params))]:
         p.requires_grad_(False)
@@ -202,8 +210,7 @@ def main(conf: TrainConf, photos: str | Path, out: str | Path) -> Path:
     paths = list(list_images(photos).paths)
     if len(paths) < 2:
         raise UserError(f"need at least 2 training photos in {photos}, found {len(paths)}")
-    device = torch.device("cuda" if conf.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if conf.device == "auto" else conf.device))
+    device = torch.device(torch_device(conf.device, "--device"))
     if conf.threads:
         torch.set_num_threads(conf.threads)
     torch.manual_seed(conf.seed)
@@ -213,6 +220,11 @@ def main(conf: TrainConf, photos: str | Path, out: str | Path) -> Path:
     state_path, start = out / "train_state.pth", 0
     if state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=True)
+        changed = {k: (v, getattr(conf, k)) for k, v in state["conf"].items()
+                   if k not in conf.RESUME_MAY_CHANGE and v != getattr(conf, k, v)}
+        if changed:
+            raise UserError(f"{state_path} was trained with other settings (saved, asked): "
+                            f"{changed}; give another --out, or the same settings to resume")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -226,13 +238,13 @@ def main(conf: TrainConf, photos: str | Path, out: str | Path) -> Path:
                         multiprocessing_context=SPAWN if conf.workers else None)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "log.csv"
-    new_log = not log_path.exists()
+    logged = read_csv(log_path) if log_path.exists() else []
+    write_csv(log_path, LOG_COLUMNS, [[r[c] for c in LOG_COLUMNS] for r in logged
+                                      if int(r["step"]) < start])  # steps redone are relogged
     log.info("training %s (%s) on %d photos, steps %d-%d, batch %d, %s", conf.arch,
              conf.init, len(paths), start, conf.steps, conf.batch, device)
     with open(log_path, "a", newline="") as f:
         writer = csv.writer(f)
-        if new_log:
-            writer.writerow(["step", "loss", "infonce", "entropy", "lr", "seconds"])
         t0 = time.time()
         for step, (a, b) in enumerate(loader, start):
             parts = train_step(model, optimizer, scaler, (a.to(device), b.to(device)), conf,

@@ -123,13 +123,14 @@ def train_codec(x: np.ndarray, factory: str) -> faiss.Index:
 
 def store_descriptors(root: Path) -> np.ndarray:
     """Raw descriptors of the described images of a store."""
+    from global_fea.extract import valid_rows
+
     store = ShardStore(root)
-    rows = []
-    for k in range(len(store.shards)):
-        shard = store.load(k)
-        keep = [r for r, s in enumerate(shard["status"]) if not s]
-        rows.append(np.asarray(shard["desc"])[keep])
-    return np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
+    parts = [np.asarray(store.load(k)["desc"])[rows] for k, rows, _ in valid_rows(store) if rows]
+    if not parts:
+        raise UserError(f"no image of {store.manifest['source']} could be described: the "
+                        "whitening needs training photos")
+    return np.concatenate(parts)
 
 
 def main(conf: dict[str, Any], images: str | Path, work_dir: str | Path) -> Path:
@@ -146,7 +147,11 @@ def main(conf: dict[str, Any], images: str | Path, work_dir: str | Path) -> Path
         if section["whitening"] == NONE:
             codec = Codec(NONE)
         else:
-            index = train_codec(x, section["whitening"])
+            try:
+                index = train_codec(x, section["whitening"])
+            except RuntimeError as err:  # faiss: e.g. fewer photos than output dimensions
+                raise UserError(f"cannot train {section['whitening']} on {len(x)} training "
+                                f"descriptors: {str(err).splitlines()[0]}") from None
             with atomic_path(out) as tmp:
                 faiss.write_index(index, str(tmp))
             codec = Codec(section["whitening"], index)

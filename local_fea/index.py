@@ -26,6 +26,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+from tqdm import tqdm
 
 from common import UserError, knn
 from common.devices import faiss_gpus
@@ -202,12 +203,21 @@ def load_index(path: str | Path, nprobe: int) -> faiss.Index:
     return index
 
 
+def release_index() -> None:
+    """Drop the index read by ``load_index`` (its memory returns once searchers drop it)."""
+    _read_index.cache_clear()
+
+
 def removed_ids(store: ShardStore) -> np.ndarray:
-    """Descriptor ids of the store's removed images."""
+    """Descriptor ids of the store's removed images (read from the shards' offsets only)."""
     by_shard: dict[int, list[int]] = {}
     for n in store.removed_numbers():
         by_shard.setdefault(n // store.shard_size, []).append(n % store.shard_size)
-    ids = [shard_descriptors(store, k, rows)[1] for k, rows in sorted(by_shard.items())]
+    ids = []
+    for k, rows in sorted(by_shard.items()):
+        offsets = store.load(k, cache=False)["views"]["orig"]["desc"]["offsets"]
+        ids += [encode_ids(k * store.shard_size + r, int(offsets[r + 1] - offsets[r]))
+                for r in rows]
     return np.concatenate(ids) if ids else np.zeros(0, np.int64)
 
 
@@ -266,7 +276,8 @@ class ReferenceIndex:
         index = faiss.read_index(str(path)) if path else load_trained(self.conf,
                                                                       self.features_name)
         log.info("adding %d reference shard(s) to the index", len(store.shards) - n_done)
-        for k in range(n_done, len(store.shards)):
+        for k in tqdm(range(n_done, len(store.shards)), desc="index references", unit="shard",
+                      dynamic_ncols=True, mininterval=0.5):
             desc, ids = shard_descriptors(store, k, range(len(store.shards[k])))
             if len(desc):
                 index.add_with_ids(desc, ids)
@@ -274,9 +285,5 @@ class ReferenceIndex:
         write_index(index, new_path)
         if path:
             path.unlink()
+        log.info("index of %d reference shard(s) -> %s", len(store.shards), new_path)
         return new_path
-
-    def open(self, store: ShardStore) -> IndexSearch:
-        """The up-to-date index, in memory, as a search function without removed images."""
-        return IndexSearch(faiss.read_index(str(self.update(store))), self.conf["k"],
-                           self.conf["nprobe"], removed_ids(store), self.conf["query_batch"])

@@ -40,6 +40,7 @@ from local_fea.index import (
     block_rows,
     decode_images,
     load_index,
+    release_index,
     removed_ids,
     use_gpu,
 )
@@ -204,15 +205,18 @@ def main(
             revision=ref_store.revision,
             index_path=None if index_path is None else str(index_path),
             threads=1 if on_dask and not gpu else threads, parts=str(out / "parts"))
-        if gpu:  # every GPU of this node holds a share of the references: search here
-            for k in tqdm(todo, desc="local search (GPU)", unit="shard"):
-                task(k)
-        else:  # here with Faiss threads, or one task per Dask worker thread
-            for _ in parallel_map(task, todo, n_jobs=1, desc="local search", unit="shard"):
-                pass
-        for stale in (out / "parts").glob("part_*.csv"):
-            if stale not in parts:
-                stale.unlink()
+        try:
+            if gpu:  # every GPU of this node holds a share of the references: search here
+                for k in tqdm(todo, desc="local search (GPU)", unit="shard"):
+                    task(k)
+            else:  # here with Faiss threads, or one task per Dask worker thread
+                for _ in parallel_map(task, todo, n_jobs=1, desc="local search", unit="shard"):
+                    pass
+        finally:  # free the index or the resident references (host or GPU memory)
+            _searcher.cache_clear()
+            release_index()
+        for stale in set((out / "parts").glob("part_*.csv")) - set(parts):
+            stale.unlink()
         rows = [[r[c] for c in COLUMNS] for p in parts for r in read_csv(p)]
         candidates = write_csv(out / "candidates.csv", COLUMNS, rows)
         run.logger.info("%d candidate rows for %d query views", len(rows),

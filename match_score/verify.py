@@ -23,7 +23,7 @@ from common.parallel import limit_threads, parallel_map
 from local_fea.extract import store_for
 from local_fea.features import LocalFeatures
 from local_fea.search import candidates_path
-from match_score.geometry import FIELDS, verify
+from match_score.geometry import FIELDS, Verification, verify
 from match_score.score import ScoreModel
 
 STAGE = "match_score"
@@ -58,17 +58,22 @@ def verify_chunk(
     qf, rf = _features(queries), _features(references)
     rows = []
     for query_id, ref_id, view, votes in pairs:
-        q_thumb = qf.thumb(query_id)
-        if view == "mirror":
-            q_thumb = q_thumb[:, ::-1]
-        result = verify(qf.get(query_id, view), rf.get(ref_id),
-                        (q_thumb, qf.size(query_id)), (rf.thumb(ref_id), rf.size(ref_id)),
-                        conf, feature_short_side)
+        result = verify_view(qf, rf, query_id, ref_id, view, conf, feature_short_side)
         row = result.row()
         row[FIELDS.index("dense_agree")] = f"{result.dense_agree:.4f}"
         rows.append([query_id, ref_id, view, votes, *row])
     write_csv(chunk_path(out_dir, index, pairs), PAIR_COLUMNS, rows)
     return index
+
+
+def verify_view(qf: LocalFeatures, rf: LocalFeatures, query_id: str, ref_id: str, view: str,
+                conf: dict[str, Any], feature_short_side: int) -> Verification:
+    """Verify one view of a query against a reference (geometry and photometry)."""
+    q_thumb = qf.thumb(query_id)
+    if view == "mirror":
+        q_thumb = q_thumb[:, ::-1]
+    return verify(qf.get(query_id, view), rf.get(ref_id), (q_thumb, qf.size(query_id)),
+                  (rf.thumb(ref_id), rf.size(ref_id)), conf, feature_short_side)
 
 
 def chunk_path(out_dir: Path, index: int, pairs: list[tuple[str, str, str, str]]) -> Path:

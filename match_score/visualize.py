@@ -23,8 +23,9 @@ from common.images import read_image
 from common.io import atomic_path
 from local_fea.extract import store_for
 from local_fea.features import LocalFeatures
-from match_score.geometry import FIELDS, Verification, verify
+from match_score.geometry import FIELDS, Verification
 from match_score.score import ScoreModel
+from match_score.verify import verify_view
 
 HEIGHT = 420
 COLOURS = {0: (90, 90, 230), 1: (60, 200, 60), 2: (230, 200, 40)}  # BGR per plane
@@ -33,15 +34,8 @@ COLOURS = {0: (90, 90, 230), 1: (60, 200, 60), 2: (230, 200, 40)}  # BGR per pla
 def verify_views(conf: dict[str, Any], qf: LocalFeatures, rf: LocalFeatures, query_id: str,
                  ref_id: str) -> dict[str, Verification]:
     """Verification of the pair for every view of the query."""
-    results = {}
-    for view in qf.views():
-        thumb = qf.thumb(query_id)
-        results[view] = verify(
-            qf.get(query_id, view), rf.get(ref_id),
-            (thumb[:, ::-1] if view == "mirror" else thumb, qf.size(query_id)),
-            (rf.thumb(ref_id), rf.size(ref_id)), conf["match_score"],
-            conf["local_fea"]["short_side"])
-    return results
+    return {view: verify_view(qf, rf, query_id, ref_id, view, conf["match_score"],
+                              conf["local_fea"]["short_side"]) for view in qf.views()}
 
 
 def _panel(path: Path, mirror: bool) -> tuple[np.ndarray, float]:

@@ -51,9 +51,11 @@ def run_global(conf: dict[str, Any], bench: Path, work_dir: Path) -> None:
 
 
 def run_crop_local(conf: dict[str, Any], bench: Path, work_dir: Path) -> None:
+    from local_fea import extract
     from preprocess import crop_local, detect
 
-    queries, refs = stores_of(conf, work_dir)
+    queries = stores_of(conf, work_dir)[0]
+    refs = extract.main(conf, bench / REF_DIR, work_dir, set_name=SET_NAMES[1])  # resumable
     detect.main(conf, bench / QUERY_DIR, work_dir, set_name=SET_NAMES[0])
     crop_local.main(conf, queries, refs, work_dir)
 
@@ -77,8 +79,7 @@ def benchmark_context(conf: dict[str, Any], photos: str | Path, work_dir: Path) 
             raise NotImplementedError(f"merge.calibrate does not know how to run {name!r}: "
                                       "add it to merge.calibrate.RUNNERS")
         RUNNERS[name](conf, bench, work_dir)
-    return Context(conf, stores_of(conf, work_dir)[0], stores_of(conf, work_dir)[1], work_dir,
-                   root / "fusion")
+    return Context(conf, *stores_of(conf, work_dir), work_dir, root / "fusion")
 
 
 def stores_of(conf: dict[str, Any], work_dir: Path) -> tuple[Path, Path]:

@@ -47,8 +47,9 @@ def fused_scores(ctx: Context, pair_files: Mapping[str, Path]) -> dict[Pair, flo
     """The calibrated fusion score of every candidate pair."""
     section = ctx.conf[STAGE]
     branches = selected(section["branches"])
+    features = [f for b in branches for f in b.features]  # checked before the costly fills
+    model = FusionModel.load(REPO_ROOT / section["fusion_model"], features)
     table = gather(ctx, branches, pair_files)
-    model = FusionModel.load(REPO_ROOT / section["fusion_model"], table.features)
     return dict(zip(table.pairs, model.score(table).tolist(), strict=True))
 
 

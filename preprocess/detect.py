@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from common import UserError, cli
 from common.config import REPO_ROOT, output_name
+from common.devices import torch_device
 from common.images import ImageError, ImageSet, list_images, read_image, resize_long_side
 from common.io import atomic_path, clean_stale_tmp, dump_joblib, write_csv
 from common.logs import RunLog, start_run
@@ -94,15 +95,6 @@ def crop_region(box: Box, size: tuple[int, int], margin: float) -> tuple[int, in
             min(size[0], math.ceil(box.x2 + mx)), min(size[1], math.ceil(box.y2 + my)))
 
 
-def resolve_device(device: str | int) -> str | int:
-    """``auto``: the first CUDA GPU if torch sees one, else the CPU."""
-    if device != "auto":
-        return device
-    import torch
-
-    return 0 if torch.cuda.is_available() else "cpu"
-
-
 class Detector:
     """The overlay detector on batches of images (ultralytics YOLO, offline, CPU or GPU)."""
 
@@ -114,7 +106,7 @@ class Detector:
         set_threads(threads)
         self.conf = conf
         self.model = load_model(conf["weights"])
-        self.device = resolve_device(conf["device"])
+        self.device = torch_device(conf["device"], "preprocess.device")
 
     def small(self, path: str | Path) -> tuple[np.ndarray, tuple[int, int]]:
         """The image as RGB with long side ``imgsz`` (reduced-scale JPEG decoding), and its
@@ -174,13 +166,11 @@ def crops(conf: dict[str, Any], queries: str | Path, work_dir: str | Path,
 
 def keep_original(src: Path, dst: Path) -> None:
     """Put the original file at ``dst`` atomically: a hard link, or a copy if linking fails."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with atomic_path(dst) as tmp:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
 
 
 def write_crops(root: Path, image_id: str, path: Path, box: Box | None,
@@ -243,7 +233,7 @@ def box_rows(store: ShardStore, conf: dict[str, Any]) -> list[list]:
         shard = store.load(k)
         for image_id, status, box, score in zip(shard["ids"], shard["status"], shard["boxes"],
                                                 shard["conf"], strict=True):
-            if status:
+            if status or store.is_removed(image_id):
                 continue
             if np.isnan(box).any():
                 rows.append([image_id, "", "", "", "", "", ""])
@@ -266,6 +256,8 @@ def main(conf: dict[str, Any], images: str | Path | ImageSet, work_dir: str | Pa
         for branch in BRANCHES:
             clean_stale_tmp(crop_folder(root, branch))
         tasks = store.tasks()
+        if tasks:  # boxes.csv marks a complete detection: not until these shards are done
+            (root / "boxes.csv").unlink(missing_ok=True)
         run.logger.info("%s: %d queries in %d shards, %d to detect, weights %s -> %s",
                         image_set.name, len(store), len(store.shards), len(tasks),
                         pconf["weights"], root)

@@ -106,10 +106,7 @@ def model_yaml(out: str | Path, base: str = "yolov8.yaml", depth: float = 0.33,
     cfg = yaml_model_load(base)
     cfg.update(nc=1, scales={"custom": [depth, width, max_channels]}, scale="custom")
     cfg.pop("yaml_file", None)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return out
+    return write_text(out, yaml.safe_dump(cfg, sort_keys=False))
 
 
 def save_weights(model: Any, out: str | Path) -> Path:

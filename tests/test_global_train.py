@@ -59,6 +59,9 @@ def test_train_cli_runs_resumes_and_exports_fp16(photos: Path, tmp_path: Path) -
     with open(out / "log.csv") as f:
         steps = [int(r["step"]) for r in csv.DictReader(f)]
     assert steps == [0, 1, 2]  # the second run resumed at step 2
+    other = subprocess.run([*cmd, "--steps", "4", "--lr", "1e-3"], capture_output=True,
+                           text=True)
+    assert other.returncode == 2 and "other settings" in other.stderr  # not a silent mix
     export = out / "descriptor.safetensors"
     assert weights.saved_conf(export)["proj_dim"] == 256
     model = weights.load_weights(GlobalDescriptor(ModelConf(proj_dim=256, image_size=64)),
