@@ -2,7 +2,8 @@
 # demo data; `make test` installs everything and runs the test suite.
 #   make all QUERY=path/to/queries REF=path/to/references WORK=work   -> $(WORK)/submission.csv
 #   make eval GT=path/to/gt.csv                                        -> micro-AP, recall@P90
-# Every stage skips what already exists, so re-running a target resumes it.
+# Every stage skips what already exists, so re-running a target resumes it. The stage order lives
+# in one place, the pipeline package (pipeline/__init__.py); `copydet --help` lists the stages.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,66 +11,46 @@ PY := $(VENV)/bin/python
 QUERY ?= data/queryimages
 REF ?= data/referenceimages
 GT ?= data/gt.csv
+EDITS ?=
 WORK ?= work
 CONFIG ?=
 OPTS ?=
 TRAIN_PHOTOS ?= ../shared/trainset/photos
 SUBMISSION ?= $(WORK)/submission.csv
+COPYDET := $(VENV)/bin/copydet
 ARGS = --work $(WORK) $(if $(CONFIG),--config $(CONFIG)) $(OPTS)
-SETS = --queries $(QUERY) --references $(REF)
 
-.PHONY: install demo all extract extract-references extract-queries search verify detect \
-	crop-local global-extract global-search merge eval test lint bench bench-global \
-	bench-detect bench-scale capacity train-index calibrate train-split train-global \
-	global-assets calibrate-fusion train-detector clean
+.PHONY: install demo all eval report test lint gpu-check bench bench-global bench-detect bench-scale capacity \
+	train-index calibrate train-split train-global global-assets calibrate-fusion \
+	train-detector clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-ml.txt requirements-nodeps.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-ml.txt requirements-nodeps.txt requirements-dev.txt \
+		pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-ml.txt -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 demo: install
-	$(MAKE) all eval QUERY=data/queryimages REF=data/referenceimages GT=data/gt.csv
+	$(MAKE) all eval report QUERY=data/queryimages REF=data/referenceimages GT=data/gt.csv \
+		EDITS=data/edits.csv
 
-all: merge
-
-extract: extract-references extract-queries
-
-extract-references: install
-	$(PY) -m local_fea.extract --images $(REF) $(ARGS)
-
-extract-queries: install
-	$(PY) -m local_fea.extract --images $(QUERY) --mirror $(ARGS)
-
-search: extract
-	$(PY) -m local_fea.search $(SETS) $(ARGS)
-
-verify: search
-	$(PY) -m match_score.verify $(SETS) $(ARGS)
-
-global-extract: install
-	$(PY) -m global_fea.extract $(SETS) $(ARGS)
-
-global-search: global-extract
-	$(PY) -m global_fea.search $(SETS) $(ARGS)
-
-# Overlay crops: the detector finds a pasted copy, the local branch runs again on the crops.
-detect: install
-	$(PY) -m preprocess.detect --images $(QUERY) $(ARGS)
-
-crop-local: detect extract-references
-	$(PY) -m preprocess.crop_local $(SETS) $(ARGS)
-
-merge: verify global-search crop-local
-	$(PY) -m merge.fuse $(SETS) --out $(SUBMISSION) $(ARGS)
+# The whole pipeline (every branch of merge.branches, then the fusion); each stage alone is
+# `$(COPYDET) <stage>` (README: How it works).
+all: install
+	$(COPYDET) run --queries $(QUERY) --references $(REF) --out $(SUBMISSION) $(ARGS)
 
 eval: install
 	$(PY) -m evaluation.isc_metric --predictions $(SUBMISSION) --gt $(GT) \
 		--plot $(WORK)/pr_curve.png --json $(WORK)/metrics.json
+
+# One HTML page per run: $(WORK)/report/index.html (opens from file://, no server).
+report: install
+	$(COPYDET) report --work $(WORK) $(if $(GT),--gt $(GT)) $(if $(EDITS),--edits $(EDITS))
 
 test: install
 	$(PY) -m pytest -q
@@ -88,6 +69,11 @@ bench-scale: install
 capacity: install
 	$(PY) -m bench.capacity_plan --work $(WORK)
 
+# GPU paths against the CPU, then throughput and peak GPU memory (says so and exits 0
+# without a GPU).
+gpu-check: install
+	$(PY) -m bench.gpu_check
+
 bench-global: install
 	$(PY) -m bench.bench_global
 
@@ -96,10 +82,10 @@ bench-detect: install
 
 # Models and indexes shipped in the repository, rebuilt from training photos (never references).
 train-index: install
-	$(PY) -m local_fea.train_index --images $(TRAIN_PHOTOS) $(ARGS)
+	$(COPYDET) train-index --images $(TRAIN_PHOTOS) $(ARGS)
 
 calibrate: install
-	$(PY) -m match_score.calibrate --photos $(TRAIN_PHOTOS) $(ARGS)
+	$(COPYDET) calibrate --photos $(TRAIN_PHOTOS) $(ARGS)
 
 # The training photos split by id: fit/ (descriptor, whitening, bank), calib/ (fusion).
 train-split: install
@@ -113,10 +99,10 @@ train-global: train-split
 		$(TRAIN_GLOBAL_ARGS)
 
 global-assets: train-split
-	$(PY) -m global_fea.whiten --images $(WORK)/trainsplit/fit $(ARGS)
+	$(COPYDET) global-assets --images $(WORK)/trainsplit/fit $(ARGS)
 
 calibrate-fusion: install
-	$(PY) -m merge.calibrate --photos $(TRAIN_PHOTOS) $(ARGS)
+	$(COPYDET) calibrate-fusion --photos $(TRAIN_PHOTOS) $(ARGS)
 
 # The overlay detector: a synthetic set of pastes made from the fit part of the training photos
 # (the calib part stays unseen for the fusion's calibration), then YOLO from scratch in two

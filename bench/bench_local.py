@@ -1,11 +1,13 @@
-"""Benchmark of the local branch: per-stage throughput and peak memory, and the SIFT stage's
-time against a bare ``cv2.imread`` + SIFT loop over the same images in the same run.
+"""Benchmark of the local branch: per-stage throughput (from the pipeline's run record) and peak
+memory, and the SIFT stage's time against a bare ``cv2.imread`` + SIFT loop over the same
+images in the same run.
 
     python -m bench.bench_local [--queries DIR] [--references DIR] [--work DIR]
 
 Defaults to ../shared/devset. The overhead ratio compares one process with one process
-(``--n-jobs 1`` for the pipeline); the stage table then runs every stage with all cores.
-Peak memory is the resident memory of each stage's whole process tree.
+(``--n-jobs 1`` for the pipeline); the stage table then runs the pipeline's local branch with
+all cores (``pipeline run -o merge.branches=[local]``). Peak memory is the resident memory of
+the run's whole process tree.
 """
 
 from __future__ import annotations
@@ -18,21 +20,10 @@ from pathlib import Path
 
 from bench.memory import Measured, measure
 from common.config import REPO_ROOT, load_config
+from common.shards import ShardStore
 
 DEVSET = REPO_ROOT.parent / "shared" / "devset"
 OVERHEAD_LIMIT = 1.15
-
-
-def stage_commands(query: Path, ref: Path, work: Path, out: Path) -> list[tuple[str, list[str]]]:
-    sets = ["--queries", str(query), "--references", str(ref)]
-    return [
-        ("extract references", ["local_fea.extract", "--images", str(ref)]),
-        ("extract queries", ["local_fea.extract", "--images", str(query), "--mirror"]),
-        ("search", ["local_fea.search", *sets]),
-        ("verify", ["match_score.verify", *sets]),
-        ("merge", ["merge.fuse", *sets, "--out", str(out), "-o", "merge.branches=[local]",
-                   "-o", "merge.method=max"]),  # the local branch's submission
-    ]
 
 
 def run_module(args: list[str], work: Path, *extra: str) -> Measured:
@@ -47,6 +38,10 @@ def count_rows(path: Path) -> int:
         return sum(1 for _ in f) - 1
 
 
+def count_images(store: str) -> int:
+    return len(ShardStore(store))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--queries", type=Path, default=DEVSET / "queries")
@@ -58,7 +53,6 @@ def main() -> None:
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_local-"))
     conf = load_config()["local_fea"]
-    n_refs = sum(1 for p in args.references.iterdir() if p.is_file())
     n_queries = sum(1 for p in args.queries.iterdir() if p.is_file())
 
     ratio_refs = work / "ratio-references"
@@ -84,26 +78,26 @@ def main() -> None:
     verdict = "OK" if ratio <= OVERHEAD_LIMIT else "OVER"
     print(f"  ratio pipeline / bare        {ratio:7.3f}  (limit {OVERHEAD_LIMIT}: {verdict})\n")
 
-    print("Stages with all cores")
+    print("Local branch with all cores (pipeline run)")
     full = work / "full"
     submission = full / "submission.csv"
-    rows = []
-    for name, cmd in stage_commands(args.queries, args.references, full, submission):
-        result = run_module(cmd, full)
-        rows.append((name, result, result.stdout.strip().splitlines()[-1]))
-    units = {"extract references": (n_refs, "img"), "extract queries": (n_queries, "img"),
-             "search": (n_queries, "query")}
-    pairs_csv = Path(rows[3][2])
-    units["verify"] = (count_rows(pairs_csv), "pair")
-    units["merge"] = (count_rows(submission), "row")
-    print(f"  {'stage':20s} {'seconds':>8s} {'throughput':>16s} {'peak RSS':>10s}")
-    report = {"overhead_ratio": ratio, "bare_s": bare_s, "single_s": single_s}
-    for name, result, _ in rows:
-        n, unit = units[name]
-        rate = f"{n / result.seconds:8.1f} {unit}/s"
-        print(f"  {name:20s} {result.seconds:8.1f} {rate:>16s} {result.peak_rss_mb:8.0f} MB")
-        report[name] = {"seconds": result.seconds, "count": n, "unit": unit,
-                        "peak_rss_mb": result.peak_rss_mb}
+    result = run_module(["pipeline", "run", "--queries", str(args.queries), "--references",
+                         str(args.references), "--out", str(submission), "-o",
+                         "merge.branches=[local]", "-o", "merge.method=max"], full)
+    record = json.loads((full / "pipeline.json").read_text())
+    pairs = Path(record["branches"]["local"]["pairs"])
+    units = {"local_fea.extract": None, "local_fea.search": (n_queries, "query"),
+             "match_score.verify": (count_rows(pairs), "pair"),
+             "merge.fuse": (count_rows(submission), "row")}
+    print(f"  {'stage':34s} {'seconds':>8s} {'throughput':>16s}")
+    report = {"overhead_ratio": ratio, "bare_s": bare_s, "single_s": single_s,
+              "peak_rss_mb": result.peak_rss_mb, "stages": record["stages"]}
+    for stage in record["stages"]:
+        n, unit = units[stage["stage"]] or (count_images(stage["output"]), "img")
+        seconds = max(stage["seconds"], 1e-9)
+        rate = f"{n / seconds:8.1f} {unit}/s"
+        print(f"  {stage['stage'] + ' ' + stage['label']:34s} {seconds:8.1f} {rate:>16s}")
+    print(f"  whole run: {result.seconds:.1f} s, peak RSS {result.peak_rss_mb:.0f} MB")
     (work / "bench_local.json").write_text(json.dumps(report, indent=1))
     print(f"\nfigures in {work / 'bench_local.json'}")
 

@@ -13,8 +13,8 @@ other as descriptors of different real images are. Every measurement runs in a p
 its own on one thread (wall time of the measured call, peak RSS of the process), so numbers
 are per core; the machine is shared, so compare ratios within one run.
 
-Needs the devset features (``make extract`` on ../shared/devset) and the training photos'
-features (``make train-index`` extracts them). Results are cached in
+Needs the devset features (``make all`` on ../shared/devset, same ``--work``) and the training
+photos' features (``make train-index`` extracts them). Results are cached in
 ``<work>/bench/scale/results.json`` (a rerun measures only what is missing); writes
 ``docs/scale_bench.md`` (tables) and ``docs/scale_bench.png`` (curves).
 """
@@ -33,12 +33,15 @@ from typing import Any
 import numpy as np
 
 from bench.memory import measure
-from common.config import REPO_ROOT, load_config, output_name
+from common.config import REPO_ROOT, load_config
+from common.images import list_images
 from common.io import dump_joblib, write_json, write_text
 from common.parallel import parallel_map
 from common.shards import ShardStore
+from local_fea.extract import store_path
 
 DEVSET = REPO_ROOT.parent / "shared" / "devset"
+TRAIN_PHOTOS = REPO_ROOT.parent / "shared" / "trainset" / "photos"
 DOCS = REPO_ROOT / "docs"
 K, C = 10, 5
 DEFAULT = "IVF4096,PQ64x4fs"
@@ -305,18 +308,20 @@ def main() -> None:
     parser.add_argument("--agreement-factors", type=int, nargs="*", default=[1, 10])
     parser.add_argument("--no-compare", action="store_true",
                         help="skip the comparison of compressed indexes on the devset")
+    parser.add_argument("--train-photos", type=Path, default=TRAIN_PHOTOS,
+                        help="the photos `make train-index` extracted")
     parser.add_argument("--point", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.point:
         print(json.dumps(point(json.loads(args.point))))
         return
 
-    conf = load_config()
-    features = output_name(conf["local_fea"])
-    feat_root = args.work.resolve() / "local_fea" / features
-    devset_refs, queries = ShardStore(feat_root / "references"), feat_root / "queries"
-    training = ShardStore(feat_root / "index-training")
-    root = args.work.resolve() / "bench" / "scale"
+    conf, work = load_config(), args.work.resolve()
+    devset_refs = ShardStore(store_path(conf, list_images(DEVSET / "references"), work, False))
+    queries = store_path(conf, list_images(DEVSET / "queries"), work, True)
+    training = ShardStore(store_path(conf, list_images(args.train_photos), work, False))
+    features = devset_refs.root.parent.name
+    root = work / "bench" / "scale"
     results = Results(root / "results.json")
     with open(DEVSET / "gt.csv") as f:
         gt = {r["query_id"]: r["reference_id"] for r in csv.DictReader(f)}
@@ -365,8 +370,8 @@ def main() -> None:
             "kind": "ivf-search", "refs": str(devset_refs.root), "queries": str(queries),
             "query_ids": q200, "index": build["index"], "nprobe": nprobe, "factory": factory})
 
-    candidates = next((args.work.resolve() / "local_search").glob(
-        "*/queries-vs-references/candidates.csv"), None)
+    candidates = next((work / "local_search").glob(
+        f"*/{Path(queries).name}-vs-{devset_refs.root.name}/candidates.csv"), None)
     if candidates is not None:
         results.get("stages", {"kind": "stages", "tmp": str(root / "stages"), "images": 64,
                                "pairs": 200, "candidates": str(candidates),

@@ -1,10 +1,16 @@
-"""Command-line arguments every stage shares: work folder, configuration file, overrides,
-worker count and Dask scheduler."""
+"""Command lines of the stages: each stage module declares one ``Command`` (its own argument
+group and how the parsed arguments call its ``main``); ``copydet <command>`` (``pipeline.cli``)
+and ``python -m <stage module>`` both run it through ``run_command``, the one place where a
+user error becomes one line on stderr and exit code ``EXIT_USER_ERROR``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +18,32 @@ from common import UserError
 from common.config import load_config
 from common.logs import setup_console
 from common.parallel import execution
+
+EXIT_USER_ERROR = 2  # what a user can fix (also argparse's code for a bad command line)
+
+
+@dataclass(frozen=True)
+class Command:
+    """A stage's command line: ``add_arguments`` fills its parser, ``call(conf, args)`` runs
+    it and returns what it wrote (printed, so scripts can chain stages by their outputs)."""
+
+    name: str
+    doc: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    call: Callable[[dict[str, Any], argparse.Namespace], Any]
+
+    @property
+    def summary(self) -> str:
+        return self.doc.strip().split("\n")[0].removeprefix("Stage: ")
+
+    def parser(self, prog: str | None = None) -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser(prog=prog, description=self.summary)
+        self.configure(parser)
+        return parser
+
+    def configure(self, parser: argparse.ArgumentParser) -> None:
+        self.add_arguments(parser)
+        add_common_args(parser)
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -28,12 +60,18 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                             "none = local processes)")
 
 
-def add_set_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    """``--queries`` and ``--references``: image folders, or the feature stores made of them."""
-    parser.add_argument("--queries", required=required, type=Path,
-                        help="query images (the local stages also take their feature store)")
-    parser.add_argument("--references", required=required, type=Path,
-                        help="reference images (the local stages also take their feature store)")
+def add_set_args(parser: argparse.ArgumentParser) -> None:
+    """``--queries`` and ``--references``: the two image folders of a run."""
+    parser.add_argument("--queries", required=True, type=Path, help="query image folder")
+    parser.add_argument("--references", required=True, type=Path,
+                        help="reference image folder")
+
+
+def add_fit_args(parser: argparse.ArgumentParser, model_key: str) -> None:
+    """``--photos`` and ``--out`` of a calibration that writes the ``model_key`` model."""
+    parser.add_argument("--photos", required=True, type=Path,
+                        help="training photos (never the references of a test set)")
+    parser.add_argument("--out", type=Path, help=f"model file (default: {model_key})")
 
 
 def config_from_args(args: argparse.Namespace) -> dict:
@@ -45,39 +83,35 @@ def config_from_args(args: argparse.Namespace) -> dict:
     return load_config(args.config, overrides)
 
 
-def run_main(main, conf: Any, *args, **kwargs):
-    """Run ``main(conf, ...)`` on the configured executor (local processes, or the Dask
-    cluster of ``run.scheduler`` when ``conf`` is a pipeline configuration); a user error
-    becomes a one-line message and exit 2."""
+def run_command(command: Command, args: argparse.Namespace) -> Any:
+    """Run a parsed command on the configured executor (local processes, or the Dask cluster
+    of ``run.scheduler``)."""
+
+    def call() -> Any:
+        conf = config_from_args(args)
+        with execution(conf["run"]):
+            return command.call(conf, args)
+
+    return report_errors(call)
+
+
+def report_errors(call: Callable[[], Any]) -> Any:
+    """Run ``call()`` and print its result; a user error is one line on stderr and exit
+    ``EXIT_USER_ERROR``, the same for every command."""
     setup_console()
     try:
-        with execution(conf.get("run") if isinstance(conf, dict) else None):
-            result = main(conf, *args, **kwargs)
+        result = call()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(EXIT_USER_ERROR) from None
     if result is not None:
         print(result)
     return result
 
 
-def run_set_stage(main, doc: str, argv: list[str] | None = None):
-    """The whole command line of a stage whose inputs are a query and a reference set:
-    ``main(conf, queries, references, work_dir)`` with the common arguments."""
-    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
-    add_set_args(parser)
-    add_common_args(parser)
-    args = parser.parse_args(argv)
-    return run_main(main, config_from_args(args), args.queries, args.references, args.work)
-
-
-def run_fit_stage(main, doc: str, model_key: str, argv: list[str] | None = None):
-    """The whole command line of a calibration: ``main(conf, photos, work_dir, out)`` fits a
-    model on training photos and writes it to ``--out`` (default: the ``model_key`` entry)."""
-    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
-    parser.add_argument("--photos", required=True, type=Path,
-                        help="training photos (never the references of a test set)")
-    parser.add_argument("--out", type=Path, help=f"model file (default: {model_key})")
-    add_common_args(parser)
-    args = parser.parse_args(argv)
-    return run_main(main, config_from_args(args), args.photos, args.work, args.out)
+def run_module(module: str, argv: Sequence[str] | None = None) -> Any:
+    """``python -m <module>``: run the module's ``COMMAND``. The module is imported under its
+    package name (not as ``__main__``), so its functions pickle for worker processes."""
+    command: Command = importlib.import_module(module).COMMAND
+    args = command.parser(prog=f"python -m {module}").parse_args(argv)
+    return run_command(command, args)

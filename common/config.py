@@ -65,6 +65,12 @@ def digest(*parts: Any) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
+def file_digest(path: str | Path) -> str:
+    """A short hash of a file's bytes (``missing`` when there is no such file)."""
+    path = Path(path) if Path(path).is_absolute() else REPO_ROOT / path
+    return hashlib.sha1(path.read_bytes()).hexdigest()[:12] if path.is_file() else "missing"
+
+
 def output_name(section: Mapping[str, Any], *upstream: str) -> str:
     """``<label>-<hash>``: label from the section's ``name`` template, hash of section+upstream."""
     params = {k: v for k, v in section.items() if k != "name"}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from common import UserError
+from common.config import digest
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,7 @@ IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif"}
 )
 DEFAULT_MAX_PIXELS = 150_000_000
-Image.MAX_IMAGE_PIXELS = None  # our own limit (read_image's max_pixels) applies instead
+_PIL_LIMIT_LOCK = threading.Lock()
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -51,6 +53,12 @@ class ImageSet:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def key(self) -> str:
+        """``<name>-<hash of the resolved folder>``: readable, and distinct for two folders
+        that share a name, so a lookup never returns another folder's outputs."""
+        return f"{self.name}-{digest(str(self.root.resolve()))}"
 
 
 def list_images(folder: str | Path, name: str | None = None) -> ImageSet:
@@ -129,6 +137,18 @@ def _convert(img: Image.Image, mode: str) -> Image.Image:
     return img.convert(mode) if img.mode != mode else img
 
 
+def _open_header(path: Path) -> Image.Image:
+    """``Image.open`` without PIL's decompression-bomb check, which ``read_image`` replaces by
+    its own ``max_pixels`` test before any pixel is decoded. The check is off only while the
+    header is parsed, under a lock, so the process-wide setting of other code is left alone."""
+    with _PIL_LIMIT_LOCK:
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
 def read_image(
     path: str | Path,
     mode: str = "L",
@@ -148,7 +168,7 @@ def read_image(
             raise ImageError("empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL's EXIF/ICC chatter is not actionable
-            with Image.open(path) as img:
+            with _open_header(path) as img:
                 width, height = img.size
                 if width * height > max_pixels:
                     raise ImageError(

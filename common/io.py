@@ -17,7 +17,10 @@ from typing import Any
 
 import joblib
 
+from common import UserError
+
 TMP_MARK = ".tmp-"
+INPUTS = "inputs.json"  # beside an output: the input paths it was made from
 
 
 @contextlib.contextmanager
@@ -60,6 +63,26 @@ def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Seq
         writer.writerow(header)
         writer.writerows(rows)
     return Path(path)
+
+
+def write_inputs(output: str | os.PathLike, **inputs: str | os.PathLike) -> Path:
+    """Record, beside ``output``, the input paths it was made from (``read_inputs``), so a
+    later stage given only ``output`` can reach them. Paths are relative to that folder, so a
+    work folder that is moved or copied as a whole keeps them."""
+    folder = Path(output).resolve().parent
+    record = {name: os.path.relpath(Path(path).resolve(), folder)
+              for name, path in inputs.items()}
+    return write_json(folder / INPUTS, record)
+
+
+def read_inputs(output: str | os.PathLike) -> dict[str, Path]:
+    """The input paths recorded beside ``output`` by ``write_inputs``."""
+    path = Path(output).parent / INPUTS
+    if not path.exists():
+        raise UserError(f"{output} has no {INPUTS} beside it: give an output of this version "
+                        "of the pipeline")
+    return {name: (path.parent / value).resolve()
+            for name, value in json.loads(path.read_text()).items()}
 
 
 def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:

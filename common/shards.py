@@ -53,7 +53,8 @@ class ShardStore:
         self.root = Path(root)
         manifest_path = self.root / MANIFEST
         if not manifest_path.exists():
-            raise FileNotFoundError(f"no store at {self.root} (missing {MANIFEST})")
+            raise UserError(f"no store at {self.root} (missing {MANIFEST}): give the folder "
+                            "that the stage which made it printed")
         self.manifest = json.loads(manifest_path.read_text())
         self.shard_size: int = self.manifest["shard_size"]
         self.shards: list[list[str]] = self.manifest["shards"]
@@ -72,7 +73,7 @@ class ShardStore:
             if manifest["source"] != source:
                 raise StoreMismatchError(
                     f"{root} holds images of {manifest['source']}, not {source}: "
-                    "give this image set another name or another work folder"
+                    "use another work folder"
                 )
         else:
             manifest = {"set": images.name, "source": source, "shard_size": shard_size,

@@ -1,10 +1,10 @@
 """Stage: global descriptors of a query and a reference folder, as an ISC descriptor h5.
 
-    python -m global_fea.extract --queries data/queryimages --references data/referenceimages
+    copydet global-extract --queries data/queryimages --references data/referenceimages
 
 Each image folder gets a resumable store of raw descriptors (``common.shards.ShardStore``:
 one joblib shard per ``run.shard_size`` images, written atomically; a restarted run
-computes only what is missing) under ``<work>/global_fea/<model>/<set>/``. Queries are also
+computes only what is missing) under ``<work>/global_fea/<model>/<set key>/``. Queries are also
 described mirrored (``global_fea.mirror_queries``). The descriptors are then whitened
 (``global_fea.whitening``, trained on training photos) and written, streamed shard by shard,
 to one HDF5 file in the ISC2021 descriptor-track layout:
@@ -20,7 +20,10 @@ in the h5. The file is written to a temporary name and renamed, so it is complet
 from __future__ import annotations
 
 import contextlib
+import copy
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +36,14 @@ from tqdm import tqdm
 
 from common import cli
 from common.config import digest, output_name
-from common.devices import torch_device
+from common.devices import torch_devices
 from common.images import ImageError, ImageSet, list_images, read_image
 from common.io import atomic_path, dump_joblib
 from common.logs import RunLog, start_run
 from common.parallel import resolve_n_jobs
 from common.shards import ShardStore
-from global_fea import weights, whiten
+from global_fea import codec as whitening
+from global_fea import weights
 from global_fea.model import GlobalDescriptor
 
 STAGE = "global_fea"
@@ -54,18 +58,26 @@ def model_root(conf: dict[str, Any], work_dir: str | Path) -> Path:
     return Path(work_dir) / STAGE / weights.model_name(conf[STAGE])
 
 
+def devices_of(section: dict[str, Any]) -> list[torch.device]:
+    """``global_fea.device``: ``auto`` is every GPU torch sees, else the CPU; or as named
+    (``common.devices.torch_devices``)."""
+    return [torch.device(d) for d in torch_devices(section["device"], "global_fea.device")]
+
+
 def device_of(section: dict[str, Any]) -> torch.device:
-    """``global_fea.device``: ``auto`` is a GPU of its own when torch sees any, else the CPU."""
-    return torch.device(torch_device(section["device"], "global_fea.device"))
+    """The first device of ``devices_of`` (for single-device callers)."""
+    return devices_of(section)[0]
 
 
-def loader_workers(section: dict[str, Any], device: torch.device, n_jobs: int | None) -> int:
-    """DataLoader workers: ``global_fea.workers``, or (auto) all cores (up to 8) next to a GPU
-    and none on CPU: there decoding is ~5% of the time and the forward pass uses every core,
-    so worker processes only add their start-up and contention (``bench.bench_global``)."""
+def loader_workers(section: dict[str, Any], device: torch.device | Sequence[torch.device],
+                   n_jobs: int | None) -> int:
+    """DataLoader workers: ``global_fea.workers``, or (auto) all cores (up to 8 per GPU) next
+    to GPUs and none on CPU: there decoding is ~5% of the time and the forward pass uses every
+    core, so worker processes only add their start-up and contention (``bench.bench_global``)."""
+    devices = [device] if isinstance(device, torch.device) else list(device)
     if section["workers"] != "auto":
         return int(section["workers"])
-    return min(8, resolve_n_jobs(n_jobs)) if device.type == "cuda" else 0
+    return min(8 * len(devices), resolve_n_jobs(n_jobs)) if devices[0].type == "cuda" else 0
 
 
 def load_square(path: str, size: int, max_pixels: int) -> np.ndarray:
@@ -95,23 +107,61 @@ class ImageFolderData(Dataset):
         return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))), reason
 
 
+def describe_batch(model: GlobalDescriptor, images: torch.Tensor, mirror: bool,
+                   device: torch.device) -> tuple[np.ndarray, np.ndarray | None]:
+    """(descriptors, mirrored descriptors or None) of one uint8 batch, on ``model``'s device
+    (``device``: made current, with float16 autocast, on CUDA)."""
+    cuda = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.float16) if cuda else contextlib.nullcontext()
+    current = torch.cuda.device(device) if cuda else contextlib.nullcontext()
+    with current, torch.inference_mode(), autocast:
+        x = model.preprocess(images)
+        desc = model(x).float().cpu().numpy()
+        flipped = model(x.flip(3)).float().cpu().numpy() if mirror else None
+    return desc, flipped
+
+
 def describe_batches(
-    model: GlobalDescriptor, paths: Sequence[str], section: dict[str, Any], mirror: bool,
-    device: torch.device, workers: int,
+    model: GlobalDescriptor | Sequence[GlobalDescriptor], paths: Sequence[str],
+    section: dict[str, Any], mirror: bool, device: torch.device | Sequence[torch.device],
+    workers: int,
 ) -> Iterator[tuple[np.ndarray, np.ndarray | None, list[str]]]:
-    """(descriptors, mirrored descriptors or None, reasons) per batch of ``paths``, in order."""
+    """(descriptors, mirrored descriptors or None, reasons) per batch of ``paths``, in order.
+
+    With several devices (``model``: one replica per device, in the same order) the batches
+    go round-robin to the devices, each device run by its own thread, a few batches ahead;
+    results still come in the order of ``paths``.
+    """
+    models = [model] if isinstance(model, GlobalDescriptor) else list(model)
+    devices = [device] if isinstance(device, torch.device) else list(device)
+    if len(models) != len(devices):
+        raise ValueError(f"{len(models)} model(s) for {len(devices)} device(s)")
     data = ImageFolderData(paths, section["image_size"], section["max_pixels"])
     loader = DataLoader(data, batch_size=section["batch_size"], num_workers=workers,
-                        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+                        pin_memory=devices[0].type == "cuda",
+                        prefetch_factor=4 if workers else None,
                         multiprocessing_context=SPAWN if workers else None)
-    autocast = (torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda"
-                else contextlib.nullcontext())
-    with torch.inference_mode(), autocast:
+    if len(devices) == 1:
         for images, reasons in loader:
-            x = model.preprocess(images)
-            desc = model(x).float().cpu().numpy()
-            flipped = model(x.flip(3)).float().cpu().numpy() if mirror else None
+            desc, flipped = describe_batch(models[0], images, mirror, devices[0])
             yield desc, flipped, list(reasons)
+        return
+    pools = [ThreadPoolExecutor(1, thread_name_prefix=f"describe-{d}") for d in devices]
+    pending: deque[tuple[Future, list[str]]] = deque()
+    try:
+        for i, (images, reasons) in enumerate(loader):
+            d = i % len(devices)
+            pending.append((pools[d].submit(describe_batch, models[d], images, mirror,
+                                            devices[d]), list(reasons)))
+            while len(pending) > 2 * len(devices):  # keep every device two batches ahead
+                future, done = pending.popleft()
+                yield (*future.result(), done)
+        while pending:
+            future, done = pending.popleft()
+            yield (*future.result(), done)
+    finally:
+        for pool in pools:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def shard_needs(store: ShardStore, k: int, mirror: bool) -> bool:
@@ -119,14 +169,12 @@ def shard_needs(store: ShardStore, k: int, mirror: bool) -> bool:
     return not store.shard_path(k).exists() or (mirror and "mirror" not in store.load(k))
 
 
-def extract_set(
-    conf: dict[str, Any], images: str | Path | ImageSet, work_dir: str | Path,
-    mirror: bool = False, set_name: str | None = None,
-) -> Path:
+def extract_set(conf: dict[str, Any], images: str | Path | ImageSet, work_dir: str | Path,
+                mirror: bool = False) -> Path:
     """Describe every image of ``images`` into its raw descriptor store; return the store."""
     section = conf[STAGE]
-    image_set = images if isinstance(images, ImageSet) else list_images(images, set_name)
-    root = model_root(conf, work_dir) / image_set.name
+    image_set = images if isinstance(images, ImageSet) else list_images(images)
+    root = model_root(conf, work_dir) / image_set.key
     run = start_run(work_dir, f"{STAGE}.extract-{image_set.name}")
     with run:
         store = ShardStore.plan(root, image_set, conf["run"]["shard_size"])
@@ -143,15 +191,21 @@ def extract_set(
 
 def describe_shards(store: ShardStore, todo: list[int], section: dict[str, Any],
                     n_jobs: int | None, mirror: bool, run: RunLog) -> None:
-    """Describe the images of shards ``todo``; write each shard as soon as it is complete."""
-    device = device_of(section)
-    if device.type == "cpu":
+    """Describe the images of shards ``todo`` on every device of ``global_fea.device`` (one
+    model replica each); write each shard as soon as it is complete."""
+    devices = devices_of(section)
+    if devices[0].type == "cpu":
         torch.set_num_threads(resolve_n_jobs(n_jobs))
-    model = weights.build(section).to(device)
+    model = weights.build(section)
+    models = [copy.deepcopy(model).to(d) for d in devices[1:]]
+    models.insert(0, model.to(devices[0]))
+    if len(devices) > 1:
+        run.logger.info("global descriptors on %d devices: %s", len(devices),
+                        ", ".join(map(str, devices)))
     tasks = store.tasks(todo)
     paths = [p for t in tasks for p in t.paths]
-    batches = describe_batches(model, paths, section, mirror, device,
-                               loader_workers(section, device, n_jobs))
+    batches = describe_batches(models, paths, section, mirror, devices,
+                               loader_workers(section, devices, n_jobs))
     pending: dict[str, list] = {"desc": [], "mirror": [], "status": []}
     task_iter = iter(tasks)
     task = next(task_iter)
@@ -186,7 +240,7 @@ def valid_rows(store: ShardStore) -> Iterator[tuple[int, list[int], list[str]]]:
         yield k, rows, [shard["ids"][r] for r in rows]
 
 
-def write_h5(out: Path, stores: dict[str, ShardStore], codec: whiten.Codec, mirror: bool,
+def write_h5(out: Path, stores: dict[str, ShardStore], codec: whitening.Codec, mirror: bool,
              attrs: dict[str, str]) -> Path:
     """Whiten the stores' descriptors and write the ISC h5 (module docstring), atomically."""
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
@@ -222,20 +276,20 @@ def h5_path(conf: dict[str, Any], queries: Path, references: Path, work_dir: str
     section = conf[STAGE]
     keys = {"name": "{whitening}", "whitening": section["whitening"],
             "mirror_queries": section["mirror_queries"]}
-    codec_name = output_name(keys, whiten.codec_digest(section))
+    codec_name = output_name(keys, whitening.codec_digest(section))
     return (model_root(conf, work_dir) / codec_name
             / f"{Path(queries).resolve().name}-vs-{Path(references).resolve().name}" / H5)
 
 
-def main(conf: dict[str, Any], queries: str | Path, references: str | Path,
-         work_dir: str | Path, set_names: tuple[str | None, str | None] = (None, None)) -> Path:
-    """Describe the queries (and their mirror images) and the references (sets named after
-    their folders, or ``set_names``); write the h5 and return its path."""
+def main(conf: dict[str, Any], queries: str | Path | ImageSet,
+         references: str | Path | ImageSet, work_dir: str | Path) -> Path:
+    """Describe the queries (and their mirror images) and the references; write the h5 and
+    return its path."""
     section = conf[STAGE]
-    codec = whiten.load_codec(section)  # fails early when the whitening is not trained
+    codec = whitening.load_codec(section)  # fails early when the whitening is not trained
     mirror = bool(section["mirror_queries"])
-    q_root = extract_set(conf, queries, work_dir, mirror=mirror, set_name=set_names[0])
-    r_root = extract_set(conf, references, work_dir, set_name=set_names[1])
+    q_root = extract_set(conf, queries, work_dir, mirror=mirror)
+    r_root = extract_set(conf, references, work_dir)
     stores = {"query": ShardStore(q_root), "reference": ShardStore(r_root)}
     out = h5_path(conf, q_root, r_root, work_dir)
     stamp = digest([s.revision for s in stores.values()], mirror, codec.label)
@@ -246,11 +300,8 @@ def main(conf: dict[str, Any], queries: str | Path, references: str | Path,
     return write_h5(out, stores, codec, mirror, {"stores": stamp, "whitening": codec.label})
 
 
-def run_cli(argv: list[str] | None = None) -> None:
-    cli.run_set_stage(main, __doc__, argv)
+COMMAND = cli.Command("global-extract", __doc__, cli.add_set_args,
+                      lambda conf, a: main(conf, a.queries, a.references, a.work))
 
-
-if __name__ == "__main__":  # go through the package module so that workers can unpickle tasks
-    from global_fea import extract
-
-    extract.run_cli()
+if __name__ == "__main__":
+    cli.run_module("global_fea.extract")

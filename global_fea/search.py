@@ -1,8 +1,8 @@
 """Stage: top-k search of global descriptors, with score normalisation against training photos.
 
-    python -m global_fea.search --queries data/queryimages --references data/referenceimages
+    copydet global-search --h5 <descriptors.h5 of global-extract>
 
-Reads the ISC h5 of ``global_fea.extract``. Every query view (original, and mirrored when
+Reads the ISC h5 that ``global_fea.extract`` returned. Every query view (original, and mirrored when
 described) takes its top-k references by inner product (cosine similarity of whitened,
 L2-normalised descriptors), exactly, with reference blocks streamed from the h5 into a Faiss
 result heap (all GPUs when faiss sees any). Similarities are then normalised as in the ISC2021
@@ -14,8 +14,9 @@ that makes scores comparable across queries.
 
 ``pairs.csv`` has one row per (query, reference): the best view, its raw ``similarity``,
 ``norm_similarity``, the ``rank`` within the query and ``score`` (= norm_similarity), best
-first, capped at ``global_search.max_pairs`` pairs over all queries (the ISC cap). Query
-blocks are written atomically as parts, so a killed run resumes.
+first, capped at ``global_search.max_pairs`` pairs over all queries (the ISC cap); beside it,
+``inputs.json`` names the h5 (the fusion scores more pairs from it). Query blocks are written
+atomically as parts, so a killed run resumes.
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ from tqdm import tqdm
 
 from common import UserError, cli, knn
 from common.config import output_name
-from common.io import read_csv, write_csv
+from common.io import read_csv, write_csv, write_inputs
 from common.logs import start_run
 from common.parallel import resolve_n_jobs
-from global_fea import extract, whiten
+from global_fea import codec as whitening
 
 STAGE = "global_search"
 COLUMNS = ["query_id", "reference_id", "view", "similarity", "norm_similarity", "rank", "score"]
@@ -132,23 +133,13 @@ def pairs_path(conf: dict[str, Any], h5: Path, work_dir: str | Path) -> Path:
     return search_root(conf, h5, work_dir) / h5.parent.name / "pairs.csv"
 
 
-def locate_h5(conf: dict[str, Any], queries: Path, references: Path,
-              work_dir: str | Path) -> Path:
-    """The h5 of ``global_fea.extract`` for these folders (or an h5 given as ``queries``)."""
-    if queries.suffix == ".h5":
-        return queries
-    h5 = extract.h5_path(conf, queries, references, work_dir)
-    if not h5.exists():
-        raise UserError(f"no global descriptors at {h5}: run `python -m global_fea.extract "
-                        f"--queries {queries} --references {references}` first")
-    return h5
-
-
-def main(conf: dict[str, Any], queries: str | Path, references: str | Path | None,
-         work_dir: str | Path) -> Path:
-    """Search the queries' descriptors in the references'; return the path of ``pairs.csv``."""
+def main(conf: dict[str, Any], h5: Path, work_dir: str | Path) -> Path:
+    """Search the queries' descriptors of ``h5`` in its references'; return ``pairs.csv``."""
     section = conf[STAGE]
-    h5 = locate_h5(conf, Path(queries), Path(references or ""), work_dir)
+    h5 = Path(h5)
+    if not h5.is_file():
+        raise UserError(f"no global descriptors at {h5}: give the file that "
+                        "`copydet global-extract` printed")
     out = pairs_path(conf, h5, work_dir)
     run = start_run(work_dir, f"{STAGE}-{out.parent.name}")
     with run, h5py.File(h5, "r") as f:
@@ -162,7 +153,7 @@ def main(conf: dict[str, Any], queries: str | Path, references: str | Path | Non
                         len(q_ids), len(r_ids), section["k"], len(todo), out)
         if todo and len(r_ids):
             views = query_views(f)
-            bank = (whiten.load_bank(conf["global_fea"]) if section["norm_beta"]
+            bank = (whitening.load_bank(conf["global_fea"]) if section["norm_beta"]
                     else np.zeros((0, views["orig"].shape[1]), np.float32))
             for b in tqdm(todo, desc="global search", unit="block"):
                 rows = np.arange(b * QUERY_BLOCK, min(len(q_ids), (b + 1) * QUERY_BLOCK))
@@ -172,6 +163,7 @@ def main(conf: dict[str, Any], queries: str | Path, references: str | Path | Non
                     for q, r, view, sim, norm, rank in found])
         rows = [[r[c] for c in COLUMNS] for p in parts if p.exists() for r in read_csv(p)]
         kept = cap_rows(rows, section["max_pairs"])
+        write_inputs(out, h5=h5)
         write_csv(out, COLUMNS, kept)
         run.logger.info("%d pairs (%d before the cap of %s)", len(kept), len(rows),
                         section["max_pairs"] or "none")
@@ -192,7 +184,7 @@ class GlobalScorer:
             self.r_row = {i: n for n, i in enumerate(read_ids(f["reference_ids"]))}
         self.h5, self.section = h5, section
         self.gpu = knn.use_gpu(section, STAGE)
-        self.bank = (whiten.load_bank(conf["global_fea"]) if section["norm_beta"]
+        self.bank = (whitening.load_bank(conf["global_fea"]) if section["norm_beta"]
                      else np.zeros((0, 1), np.float32))
 
     def score(self, pairs: Sequence[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
@@ -226,21 +218,13 @@ class GlobalScorer:
         return sims, norms
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--queries", required=True, type=Path,
-                        help="query images (or the descriptors.h5 of global_fea.extract)")
-    parser.add_argument("--references", type=Path, help="reference images")
-    cli.add_common_args(parser)
-    return parser.parse_args(argv)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--h5", required=True, type=Path,
+                        help="descriptors.h5 (what `copydet global-extract` printed)")
 
 
-def run_cli(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    cli.run_main(main, cli.config_from_args(args), args.queries, args.references, args.work)
+COMMAND = cli.Command("global-search", __doc__, add_arguments,
+                      lambda conf, a: main(conf, a.h5, a.work))
 
-
-if __name__ == "__main__":  # go through the package module so that workers can unpickle tasks
-    from global_fea import search
-
-    search.run_cli()
+if __name__ == "__main__":
+    cli.run_module("global_fea.search")

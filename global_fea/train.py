@@ -41,7 +41,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from common import UserError
-from common.cli import run_main
+from common.cli import report_errors
 from common.devices import torch_device
 from common.edits import random_chain
 from common.images import ImageError, list_images, read_image, resize_long_side
@@ -278,7 +278,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_cli(argv: list[str] | None = None) -> None:
     args = vars(parse_args(argv))
     photos, out = args.pop("photos"), args.pop("out")
-    run_main(main, TrainConf(**args), photos, out)
+    report_errors(lambda: main(TrainConf(**args), photos, out))
 
 
 if __name__ == "__main__":  # go through the package module so that workers can unpickle tasks

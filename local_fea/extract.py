@@ -1,10 +1,13 @@
 """Stage: RootSIFT features of an image folder, in resumable joblib shards.
 
-    python -m local_fea.extract --images data/referenceimages --work work
-    python -m local_fea.extract --images data/queryimages --work work --mirror
+    copydet extract --images data/referenceimages --work work
+    copydet extract --images data/queryimages --work work --mirror
 
-Writes ``<work>/local_fea/<conf name>/<set>/shard_*.pkl`` plus ``manifest.json``; a restarted
-run computes only the shards that are missing.
+Writes ``<work>/local_fea/<conf name>/<set>-<path hash>-<role>/shard_*.pkl`` plus
+``manifest.json`` and returns that store folder; a restarted run computes only the shards that
+are missing. A set described as queries (``--mirror``: the mirror view too, with
+``query_max_keypoints``) and as references (``max_keypoints``) gets two stores, so neither is
+ever reused for the other.
 """
 
 from __future__ import annotations
@@ -16,37 +19,33 @@ from typing import Any
 
 import numpy as np
 
-from common import UserError, cli
+from common import cli
 from common.config import output_name
 from common.images import ImageError, ImageSet, list_images
 from common.io import dump_joblib
 from common.logs import RunLog, start_run
 from common.parallel import limit_threads, parallel_map
-from common.shards import MANIFEST, ShardStore, ShardTask, pack
+from common.shards import ShardStore, ShardTask, pack
 from local_fea.features import VIEWS, ImageFeatures, extract_image
 
 STAGE = "local_fea"
+QUERY_ONLY = ("query_max_keypoints",)  # in the query stores' names, not in the shared hash
 
 
 def features_root(conf: dict[str, Any], work_dir: str | Path) -> Path:
     """Folder of all image sets' features made with this configuration."""
-    return Path(work_dir) / STAGE / output_name(conf[STAGE])
+    section = {k: v for k, v in conf[STAGE].items() if k not in QUERY_ONLY}
+    return Path(work_dir) / STAGE / output_name(section)
 
 
-def store_for(conf: dict[str, Any], path: str | Path, work_dir: str | Path) -> Path:
-    """The feature store of ``path``: the store folder itself, or the one extracted from the
-    image folder ``path`` (named after it) with this configuration."""
-    path = Path(path)
-    if (path / MANIFEST).exists():
-        return path.resolve()
-    store = features_root(conf, work_dir) / path.resolve().name
-    if not (store / MANIFEST).exists():
-        raise UserError(f"no local features of {path} at {store}: run "
-                        f"`python -m local_fea.extract --images {path}` first")
-    return store
+def store_path(conf: dict[str, Any], image_set: ImageSet, work_dir: str | Path,
+               mirror: bool) -> Path:
+    """The feature store of ``image_set`` described as queries (``mirror``) or references."""
+    role = f"query-k{conf[STAGE]['query_max_keypoints']}" if mirror else "ref"
+    return features_root(conf, work_dir) / f"{image_set.key}-{role}"
 
 
-def _empty(thumb_side: int = 1) -> ImageFeatures:
+def _empty() -> ImageFeatures:
     empty = (np.zeros((0, 4), np.float32), np.zeros((0, 128), np.uint8))
     return ImageFeatures((0, 0), {v: empty for v in VIEWS}, np.zeros((0, 0), np.uint8))
 
@@ -90,16 +89,11 @@ def report_shard(summary: dict[str, Any], run: RunLog) -> None:
             run.skip(image_id, path, "no keypoints (image too flat or too small)")
 
 
-def main(
-    conf: dict[str, Any],
-    images: str | Path | ImageSet,
-    work_dir: str | Path,
-    mirror: bool = False,
-    set_name: str | None = None,
-) -> Path:
+def main(conf: dict[str, Any], images: str | Path | ImageSet, work_dir: str | Path,
+         mirror: bool = False) -> Path:
     """Extract features of every image of ``images``; return the store folder."""
-    image_set = images if isinstance(images, ImageSet) else list_images(images, set_name)
-    root = features_root(conf, work_dir) / image_set.name
+    image_set = images if isinstance(images, ImageSet) else list_images(images)
+    root = store_path(conf, image_set, work_dir, mirror)
     run = start_run(work_dir, f"{STAGE}.extract-{image_set.name}")
     with run:
         store = ShardStore.plan(root, image_set, conf["run"]["shard_size"])
@@ -125,24 +119,15 @@ def main(
     return root
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", required=True, type=Path, help="folder of images")
-    parser.add_argument("--set-name", help="name of the image set (default: folder name)")
     parser.add_argument("--mirror", action="store_true",
                         help="describe as queries: also the mirror image (flipped copies), "
                         "with local_fea.query_max_keypoints")
-    cli.add_common_args(parser)
-    return parser.parse_args(argv)
 
 
-def run_cli(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    cli.run_main(main, cli.config_from_args(args), args.images, args.work, args.mirror,
-                 args.set_name)
+COMMAND = cli.Command("extract", __doc__, add_arguments,
+                      lambda conf, a: main(conf, a.images, a.work, a.mirror))
 
-
-if __name__ == "__main__":  # go through the package module so that workers can unpickle tasks
-    from local_fea import extract
-
-    extract.run_cli()
+if __name__ == "__main__":
+    cli.run_module("local_fea.extract")

@@ -1,6 +1,6 @@
 """Stage: local descriptor search, giving each query view its top-C candidate references.
 
-    python -m local_fea.search --queries data/queryimages --references data/referenceimages
+    copydet search --queries <query feature store> --references <reference feature store>
 
 Every query descriptor takes its k nearest reference descriptors; each neighbour votes for
 its reference image with weight ``max(0, 1 - d_i / d_k)`` (squared L2 distances): a soft
@@ -16,6 +16,7 @@ all of them.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import threading
 from pathlib import Path
@@ -26,12 +27,11 @@ import numpy as np
 from tqdm import tqdm
 
 from common import cli
-from common.config import digest, output_name
+from common.config import digest, file_digest, output_name
 from common.io import read_csv, write_csv
 from common.logs import start_run
 from common.parallel import dask_client, parallel_map, resolve_n_jobs
 from common.shards import ShardStore
-from local_fea.extract import store_for
 from local_fea.index import (
     EXACT,
     ExactSearch,
@@ -42,6 +42,7 @@ from local_fea.index import (
     load_index,
     release_index,
     removed_ids,
+    trained_index_path,
     use_gpu,
 )
 
@@ -167,20 +168,27 @@ def part_path(parts: Path, k: int, queries: ShardStore, references: ShardStore) 
 
 def candidates_path(conf: dict[str, Any], queries: Path, references: Path,
                     work_dir: str | Path) -> Path:
-    """Where the candidates of two feature stores go (``<q set>-vs-<r set>/candidates.csv``)."""
+    """Where the candidates of two feature stores go (``<q store>-vs-<r store>/``)."""
     root = search_root(conf, references.parent.name, work_dir)
     return root / f"{queries.name}-vs-{references.name}" / "candidates.csv"
 
 
-def main(
-    conf: dict[str, Any], queries: str | Path, references: str | Path, work_dir: str | Path
-) -> Path:
-    """Search every query view in the references (feature stores, or their image folders)."""
-    queries, references = store_for(conf, queries, work_dir), store_for(conf, references, work_dir)
-    query_store, ref_store = ShardStore(queries), ShardStore(references)
+def index_folder(conf: dict[str, Any], references: Path, work_dir: str | Path) -> Path:
+    """Where the populated index of a reference store lives: keyed by what its content
+    depends on (factory string, trained index file, features), not by search settings such
+    as ``nprobe``, so changing those never re-encodes the references."""
     features_name = references.parent.name
-    root = search_root(conf, features_name, work_dir)
-    out = candidates_path(conf, queries, references, work_dir).parent
+    trained = trained_index_path(conf[STAGE], features_name)
+    section = {"name": "{index}", "index": conf[STAGE]["index"]}
+    name = output_name(section, features_name, file_digest(trained))
+    return Path(work_dir) / "local_index" / name / references.name
+
+
+def main(conf: dict[str, Any], queries: Path, references: Path, work_dir: str | Path) -> Path:
+    """Search every query view of the query feature store in the reference feature store
+    (both as ``local_fea.extract`` returned them); return ``candidates.csv``."""
+    query_store, ref_store = ShardStore(queries), ShardStore(references)
+    out = candidates_path(conf, query_store.root, ref_store.root, work_dir).parent
     sconf = conf[STAGE]
     run = start_run(work_dir, f"{STAGE}-{out.name}")
     with run:
@@ -196,8 +204,8 @@ def main(
                         len(ref_store.removed), len(ref_store), out)
         index_path = None
         if todo and sconf["index"] != EXACT and not gpu:
-            index_path = ReferenceIndex(root / references.name, sconf, features_name).update(
-                ref_store)
+            index_path = ReferenceIndex(index_folder(conf, ref_store.root, work_dir), sconf,
+                                        ref_store.root.parent.name).update(ref_store)
         on_dask = dask_client() is not None
         task = functools.partial(
             search_part, conf=sconf, queries=str(query_store.root),
@@ -224,11 +232,15 @@ def main(
     return candidates
 
 
-def run_cli(argv: list[str] | None = None) -> None:
-    cli.run_set_stage(main, __doc__, argv)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--queries", required=True, type=Path,
+                        help="query feature store (what `copydet extract --mirror` printed)")
+    parser.add_argument("--references", required=True, type=Path,
+                        help="reference feature store (what `copydet extract` printed)")
 
 
-if __name__ == "__main__":  # go through the package module so that workers can unpickle tasks
-    from local_fea import search
+COMMAND = cli.Command("search", __doc__, add_arguments,
+                      lambda conf, a: main(conf, a.queries, a.references, a.work))
 
-    search.run_cli()
+if __name__ == "__main__":
+    cli.run_module("local_fea.search")

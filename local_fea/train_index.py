@@ -1,6 +1,6 @@
 """Train the CPU search index (IVF quantiser, codecs) on RootSIFT of training photos.
 
-    python -m local_fea.train_index --images ../shared/trainset/photos --work work
+    copydet train-index --images ../shared/trainset/photos --work work
 
 ISC rules forbid fitting anything on the reference set, so the index is trained on a separate
 photo collection and the trained, empty index is shipped in ``local_fea/assets``; the search
@@ -18,7 +18,6 @@ import faiss
 import numpy as np
 
 from common import cli
-from common.config import output_name
 from common.logs import start_run
 from common.parallel import resolve_n_jobs
 from common.shards import ShardStore
@@ -38,10 +37,9 @@ def sample_descriptors(store: ShardStore, n_max: int, seed: int = 0) -> np.ndarr
 def main(conf: dict[str, Any], images: str | Path, work_dir: str | Path,
          max_train: int = 1_000_000) -> Path:
     """Extract features of the training photos, train ``local_search.index``, write it."""
-    store_root = extract.main(conf, images, work_dir, set_name="index-training")
+    store_root = extract.main(conf, images, work_dir)
     sconf = conf["local_search"]
-    features_name = output_name(conf["local_fea"])
-    out = trained_index_path(sconf, features_name)
+    out = trained_index_path(sconf, extract.features_root(conf, work_dir).name)
     run = start_run(work_dir, "local_fea.train_index")
     with run:
         faiss.omp_set_num_threads(resolve_n_jobs(conf["run"]["n_jobs"]))
@@ -56,22 +54,15 @@ def main(conf: dict[str, Any], images: str | Path, work_dir: str | Path,
     return out
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", required=True, type=Path,
                         help="training photos (never the references)")
     parser.add_argument("--max-train", type=int, default=1_000_000,
                         help="descriptors sampled for training")
-    cli.add_common_args(parser)
-    return parser.parse_args(argv)
 
 
-def run_cli(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    cli.run_main(main, cli.config_from_args(args), args.images, args.work, args.max_train)
+COMMAND = cli.Command("train-index", __doc__, add_arguments,
+                      lambda conf, a: main(conf, a.images, a.work, a.max_train))
 
-
-if __name__ == "__main__":  # go through the package module so that workers can unpickle tasks
-    from local_fea import train_index
-
-    train_index.run_cli()
+if __name__ == "__main__":
+    cli.run_module("local_fea.train_index")

@@ -1,9 +1,9 @@
 """Fit the local score model on copy pairs made from training photos (never a test set).
 
-    python -m match_score.calibrate --photos ../shared/trainset/photos --work work
+    copydet calibrate --photos ../shared/trainset/photos --work work
 
 Builds a DISC21-style benchmark from the photos (``data.make_benchmark``: references, edited
-copies, edited distractors), runs the local branch on it (extract, search, verify), and fits
+copies, edited distractors), runs the pipeline's local branch on it, and fits
 ``match_score.score.ScoreModel`` on the verified pairs: a true pair's best-verified view is a
 positive, every pair of a query with a reference it was not made from is a negative. The
 model is written to ``match_score.score_model`` (shipped in the repository).
@@ -17,13 +17,13 @@ from typing import Any
 
 import numpy as np
 
+import pipeline
 from common import cli
 from common.config import REPO_ROOT
+from common.images import list_images
 from common.io import read_csv
 from common.logs import start_run
-from data.make_benchmark import make_benchmark
-from local_fea import extract, search
-from match_score import verify
+from data.make_benchmark import QUERY_DIR, REF_DIR, make_benchmark
 from match_score.score import ScoreModel
 
 BENCHMARK = {"n_refs": 600, "n_positives": 450, "n_distractors": 450, "seed": 2021}
@@ -48,14 +48,11 @@ def training_rows(
 
 
 def run_local_branch(conf: dict[str, Any], bench: Path, work_dir: Path) -> list[dict[str, str]]:
-    """Extract, search and verify the benchmark; return the verified rows."""
-    refs = extract.main(conf, bench / "referenceimages", work_dir, set_name="calib-references")
-    queries = extract.main(conf, bench / "queryimages", work_dir, mirror=True,
-                           set_name="calib-queries")
-    candidates = search.main(conf, queries, refs, work_dir)
-    out = verify.match_root(conf, candidates.parent.parent.name, work_dir) / "calibration"
-    pairs = verify.candidate_pairs(candidates)
-    return verify.verify_pairs(conf, pairs, queries, refs, out / "parts", desc="verify")
+    """The local branch's verified rows of the benchmark, in candidate order."""
+    outputs = pipeline.run_local(conf, list_images(bench / QUERY_DIR),
+                                 list_images(bench / REF_DIR), work_dir, pipeline.Record())
+    rows = read_csv(outputs["pairs"])
+    return sorted(rows, key=lambda r: (r["query_id"], r["reference_id"], r["view"]))
 
 
 def main(conf: dict[str, Any], photos: str | Path, work_dir: str | Path,
@@ -81,11 +78,9 @@ def main(conf: dict[str, Any], photos: str | Path, work_dir: str | Path,
     return out
 
 
-def run_cli(argv: list[str] | None = None) -> None:
-    cli.run_fit_stage(main, __doc__, "match_score.score_model", argv)
+COMMAND = cli.Command(
+    "calibrate", __doc__, lambda p: cli.add_fit_args(p, "match_score.score_model"),
+    lambda conf, a: main(conf, a.photos, a.work, a.out))
 
-
-if __name__ == "__main__":  # go through the package module so that workers can unpickle tasks
-    from match_score import calibrate
-
-    calibrate.run_cli()
+if __name__ == "__main__":
+    cli.run_module("match_score.calibrate")

@@ -1,11 +1,13 @@
 """Stage: verify candidate pairs and give each a calibrated score.
 
-    python -m match_score.verify --queries data/queryimages --references data/referenceimages
+    copydet verify --queries <query store> --references <reference store> --candidates <csv>
 
 Every (query view, reference) candidate is matched and verified (``match_score.geometry``);
 pairs are processed in fixed chunks, in parallel, each chunk written atomically, so a killed
 run resumes where it stopped. ``pairs.csv`` then gets one row per verified (query, view,
-reference) with its features and its calibrated score (``match_score.score``).
+reference) with its features and its calibrated score (``match_score.score``), and
+``inputs.json`` beside it names the feature stores it was verified with (the fusion's fill
+verifies more pairs with them).
 """
 
 from __future__ import annotations
@@ -17,12 +19,11 @@ from typing import Any
 
 from common import UserError, cli
 from common.config import REPO_ROOT, digest, output_name
-from common.io import read_csv, write_csv
+from common.io import read_csv, write_csv, write_inputs
 from common.logs import start_run
 from common.parallel import limit_threads, parallel_map
-from local_fea.extract import store_for
+from common.shards import ShardStore
 from local_fea.features import LocalFeatures
-from local_fea.search import candidates_path
 from match_score.geometry import FIELDS, Verification, verify
 from match_score.score import ScoreModel
 
@@ -37,8 +38,14 @@ def match_root(conf: dict[str, Any], search_name: str, work_dir: str | Path) -> 
 
 
 @functools.lru_cache(maxsize=8)
-def _features(root: str) -> LocalFeatures:
+def _features(root: str, revision: str) -> LocalFeatures:
+    """A store's features, cached per process and per revision: a store that gained or
+    lost images since (a long-lived worker verifying again) is read afresh."""
     return LocalFeatures(root)
+
+
+def features_of(root: str | Path) -> LocalFeatures:
+    return _features(str(root), ShardStore(root).revision)
 
 
 def candidate_pairs(candidates: Path | list[dict[str, str]]) -> list[tuple[str, str, str, str]]:
@@ -55,7 +62,7 @@ def verify_chunk(
     """Verify one chunk of pairs and write its rows; return the chunk index."""
     limit_threads()
     index, pairs = chunk
-    qf, rf = _features(queries), _features(references)
+    qf, rf = features_of(queries), features_of(references)
     rows = []
     for query_id, ref_id, view, votes in pairs:
         result = verify_view(qf, rf, query_id, ref_id, view, conf, feature_short_side)
@@ -117,45 +124,38 @@ def pairs_path(conf: dict[str, Any], candidates: Path, work_dir: str | Path) -> 
     return match_root(conf, search_name, work_dir) / candidates.parent.name / "pairs.csv"
 
 
-def main(
-    conf: dict[str, Any], queries: str | Path, references: str | Path, work_dir: str | Path,
-    candidates: str | Path | None = None,
-) -> Path:
-    """Verify the candidate pairs of the queries in the references (feature stores or their
-    image folders); return the path of ``pairs.csv``."""
-    queries, references = store_for(conf, queries, work_dir), store_for(conf, references, work_dir)
-    candidates = Path(candidates or candidates_path(conf, queries, references, work_dir))
+def main(conf: dict[str, Any], queries: Path, references: Path, candidates: Path,
+         work_dir: str | Path) -> Path:
+    """Verify the candidate pairs (``local_fea.search``'s output) with the query and
+    reference feature stores they were searched with; return ``pairs.csv``."""
+    candidates = Path(candidates)
     if not candidates.exists():
-        raise UserError(f"no candidates at {candidates}: run `python -m local_fea.search` first")
+        raise UserError(f"no candidates at {candidates}: give the file that `copydet search` "
+                        "printed")
     out = pairs_path(conf, candidates, work_dir)
     run = start_run(work_dir, f"{STAGE}-{out.parent.name}")
     with run:
         model = ScoreModel.load(REPO_ROOT / conf[STAGE]["score_model"])
         pairs = candidate_pairs(candidates)
         run.logger.info("%d candidate (query view, reference) pairs -> %s", len(pairs), out)
-        rows = verify_pairs(conf, pairs, queries, references, out.parent / "parts")
+        rows = verify_pairs(conf, pairs, Path(queries), Path(references), out.parent / "parts")
+        write_inputs(out, queries=queries, references=references)
         write_csv(out, [*PAIR_COLUMNS, "score"], score_rows(rows, model))
         run.logger.info("%d pairs verified, %d with inliers", len(rows),
                         sum(int(r["inliers"]) > 0 for r in rows))
     return out
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    cli.add_set_args(parser)
-    parser.add_argument("--candidates", type=Path,
-                        help="candidates.csv (default: the local search's output)")
-    cli.add_common_args(parser)
-    return parser.parse_args(argv)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--queries", required=True, type=Path, help="query feature store")
+    parser.add_argument("--references", required=True, type=Path,
+                        help="reference feature store")
+    parser.add_argument("--candidates", required=True, type=Path,
+                        help="candidates.csv (what `copydet search` printed)")
 
 
-def run_cli(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    cli.run_main(main, cli.config_from_args(args), args.queries, args.references, args.work,
-                 args.candidates)
+COMMAND = cli.Command("verify", __doc__, add_arguments,
+                      lambda conf, a: main(conf, a.queries, a.references, a.candidates, a.work))
 
-
-if __name__ == "__main__":  # go through the package module so that workers can unpickle tasks
-    from match_score import verify
-
-    verify.run_cli()
+if __name__ == "__main__":
+    cli.run_module("match_score.verify")

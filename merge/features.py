@@ -11,16 +11,31 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
 from common import UserError
-from merge.branches import Branch, Context, Evidence, Pair
+from merge.evidence import Evidence, Pair
 
 log = logging.getLogger(__name__)
+
+
+class BranchEvidence(Protocol):
+    """What the fusion needs of a branch (declared in ``pipeline``): its feature names, the
+    features of a pair it has no evidence for, how to read its pairs file and, if it can,
+    how to compute evidence for pairs it did not find (cheaply for all: ``fill_all``)."""
+
+    name: str
+    features: tuple[str, ...]
+    missing: tuple[float, ...]
+    scale: str  # what the branch's own scores are (compared by merge.method=max)
+    read: Callable[[dict[str, Any], Path], Evidence]
+    fill: Callable[[dict[str, Any], Path, list[Pair], Path, str], Evidence] | None
+    fill_all: bool
 
 
 @dataclass
@@ -44,28 +59,29 @@ def top_ranked(evidence: Evidence, max_rank: int) -> set[Pair]:
     return top
 
 
-def read_branches(ctx: Context, branches: Sequence[Branch],
+def read_branches(conf: dict[str, Any], branches: Sequence[BranchEvidence],
                   pair_files: Mapping[str, Path]) -> dict[str, Evidence]:
-    """Each branch's evidence from its pairs file (given, or located for the run)."""
+    """Each branch's evidence from its pairs file."""
     evidence = {}
     for branch in branches:
-        path = Path(pair_files[branch.name]) if branch.name in pair_files else branch.locate(ctx)
-        if not path.exists():
-            raise UserError(f"no pairs of the {branch.name} branch at {path}: run that branch "
-                            f"first, or leave it out of merge.branches")
-        evidence[branch.name] = branch.read(ctx, path)
+        path = pair_files.get(branch.name)
+        if path is None or not Path(path).exists():
+            raise UserError(f"no pairs of the {branch.name} branch{f' at {path}' if path else ''}"
+                            ": run that branch first, or leave it out of merge.branches")
+        evidence[branch.name] = branch.read(conf, Path(path))
         log.info("%s: %d pairs from %s", branch.name, len(evidence[branch.name].features), path)
     return evidence
 
 
-def gather(ctx: Context, branches: Sequence[Branch],
-           pair_files: Mapping[str, Path] | None = None) -> PairTable:
-    """The candidate pairs of all branches with every branch's features (module docstring)."""
-    evidence = read_branches(ctx, branches, pair_files or {})
+def gather(conf: dict[str, Any], branches: Sequence[BranchEvidence],
+           pair_files: Mapping[str, Path], folder: Path) -> PairTable:
+    """The candidate pairs of all branches with every branch's features (module docstring);
+    fills write their resumable work under ``folder``."""
+    evidence = read_branches(conf, branches, pair_files)
     pairs = sorted(set().union(*(e.features for e in evidence.values())))
     found_by = ["+".join(b.name for b in branches if p in evidence[b.name].features)
                 for p in pairs]
-    max_rank = ctx.conf["merge"]["fill_rank"]
+    max_rank = conf["merge"]["fill_rank"]
     top = set().union(*(top_ranked(e, max_rank) for e in evidence.values()))
     for branch in branches:
         own = evidence[branch.name]
@@ -73,7 +89,7 @@ def gather(ctx: Context, branches: Sequence[Branch],
         if branch.fill is None or not missing:
             continue
         todo = missing if branch.fill_all else [p for p in missing if p in top]
-        filled = branch.fill(ctx, todo)
+        filled = branch.fill(conf, Path(pair_files[branch.name]), todo, folder, branch.name)
         own.features.update(filled.features)
         log.info("%s: evidence computed for %d of the %d pairs it did not find", branch.name,
                  len(filled.features), len(missing))

@@ -1,23 +1,25 @@
 """Stage: fuse the branches' pairs into the submission CSV.
 
-    python -m merge.fuse --queries data/queryimages --references data/referenceimages \\
+    copydet merge --pairs local=<pairs.csv> global=<pairs.csv> crop_local=<pairs.csv> \\
         --out work/submission.csv
 
 ``merge.method: fusion`` (default): the pairs of every branch of ``merge.branches`` become
 one candidate set, every pair gets every branch's features (computed where a branch did not
 find it and can: ``merge.features``) and one calibrated score (``merge.fusion``).
-``merge.method: max``: each pair keeps its best score over the branches' own scores (e.g.
-``-o merge.branches=[global] -o merge.method=max`` gives the global branch alone).
+``merge.method: max``: each pair keeps its best score over the branches' own scores, which
+must be on one scale (e.g. ``-o merge.branches=[global] -o merge.method=max`` gives the
+global branch alone; ``[local, crop_local]`` compares two calibrated probabilities).
 
 The submission has the header ``query_id,reference_id,score``, one row per pair, float
-scores, best first, and at most ``merge.max_pairs`` rows (the ISC cap of 500,000).
-``--pairs NAME=FILE`` gives a branch's pairs file instead of locating it from the folders.
+scores, best first, and at most ``merge.max_pairs`` rows (the ISC cap of 500,000). Beside it,
+``<name>.features.csv`` holds every candidate pair with the branches that found it, their
+features (fusion) or own scores (max), and the score.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +29,8 @@ from common import UserError, cli
 from common.config import REPO_ROOT, output_name
 from common.io import write_csv
 from common.logs import start_run
-from merge.branches import Context, Pair, selected
-from merge.features import gather, read_branches
+from merge.evidence import Pair
+from merge.features import BranchEvidence, PairTable, gather, read_branches
 from merge.fusion import FusionModel
 
 STAGE = "merge"
@@ -43,63 +45,70 @@ def submission_rows(scores: Mapping[Pair, float], max_pairs: int) -> list[tuple]
     return [(q, r, f"{s:.9g}") for (q, r), s in ranked]
 
 
-def fused_scores(ctx: Context, pair_files: Mapping[str, Path]) -> dict[Pair, float]:
-    """The calibrated fusion score of every candidate pair."""
-    section = ctx.conf[STAGE]
-    branches = selected(section["branches"])
+def fused_scores(conf: dict[str, Any], branches: Sequence[BranchEvidence],
+                 pair_files: Mapping[str, Path], folder: Path) -> tuple[PairTable, np.ndarray]:
+    """The candidate table and the calibrated fusion score of every pair."""
     features = [f for b in branches for f in b.features]  # checked before the costly fills
-    model = FusionModel.load(REPO_ROOT / section["fusion_model"], features)
-    table = gather(ctx, branches, pair_files)
-    return dict(zip(table.pairs, model.score(table).tolist(), strict=True))
+    model = FusionModel.load(REPO_ROOT / conf[STAGE]["fusion_model"], features)
+    table = gather(conf, branches, pair_files, folder)
+    return table, model.score(table)
 
 
-def max_scores(ctx: Context, pair_files: Mapping[str, Path]) -> dict[Pair, float]:
-    """The best of the branches' own scores of every pair."""
-    best: dict[Pair, float] = {}
-    evidence = read_branches(ctx, selected(ctx.conf[STAGE]["branches"]), pair_files)
-    for own in evidence.values():
-        for pair, score in own.scores.items():
-            best[pair] = max(score, best.get(pair, -np.inf))
-    return best
+def max_scores(conf: dict[str, Any], branches: Sequence[BranchEvidence],
+               pair_files: Mapping[str, Path], folder: Path) -> tuple[PairTable, np.ndarray]:
+    """The candidate table of the branches' own scores and the best of them per pair."""
+    scales = {b.name: b.scale for b in branches}
+    if len(set(scales.values())) > 1:
+        raise UserError(f"merge.method=max compares the branches' own scores, which are on "
+                        f"different scales here ({scales}): use merge.method=fusion, or "
+                        "branches of one scale")
+    evidence = read_branches(conf, branches, pair_files)
+    pairs = sorted(set().union(*(e.scores for e in evidence.values())))
+    x = np.array([[evidence[b.name].scores.get(p, -np.inf) for b in branches] for p in pairs],
+                 np.float64).reshape(len(pairs), len(branches))
+    found_by = ["+".join(b.name for b in branches if p in evidence[b.name].scores)
+                for p in pairs]
+    table = PairTable(pairs, [f"{b.name}_score" for b in branches], x, found_by)
+    return table, x.max(axis=1) if len(pairs) else np.zeros(0)
 
 
-def run_folder(conf: dict[str, Any], queries: Path | None, references: Path | None,
-               work_dir: Path, pair_files: Mapping[str, Path]) -> Path:
+def run_folder(conf: dict[str, Any], pair_files: Mapping[str, Path], work_dir: Path) -> Path:
+    """Named after the settings and the pairs files (which name everything upstream)."""
     section = {k: v for k, v in conf[STAGE].items() if k not in NOT_IN_NAME}
-    sets = f"{queries.resolve().name}-vs-{references.resolve().name}" if queries else "pairs"
-    inputs = [str(queries and queries.resolve()), str(references and references.resolve()),
-              {k: str(Path(v).resolve()) for k, v in sorted(pair_files.items())}]
-    return work_dir / STAGE / output_name(section, *map(str, inputs)) / sets
+    inputs = {k: str(Path(v).resolve()) for k, v in sorted(pair_files.items())}
+    return work_dir / STAGE / output_name(section, inputs)
 
 
-def main(
-    conf: dict[str, Any], queries: str | Path | None, references: str | Path | None,
-    work_dir: str | Path, out: str | Path | None = None,
-    pair_files: Mapping[str, str | Path] | None = None,
-) -> Path:
-    """Write the submission CSV (module docstring); return its path."""
+def features_path(submission: Path) -> Path:
+    """The candidate table written beside a submission."""
+    return submission.with_name(f"{submission.stem}.features.csv")
+
+
+def main(conf: dict[str, Any], branches: Sequence[BranchEvidence],
+         pair_files: Mapping[str, str | Path], work_dir: str | Path,
+         out: str | Path | None = None) -> Path:
+    """Write the submission CSV (module docstring) from the pairs files of ``branches``;
+    return its path."""
     section = conf[STAGE]
     if section["method"] not in METHODS:
         raise UserError(f"merge.method must be one of {METHODS}, not {section['method']!r}")
-    pair_files = {k: Path(v) for k, v in (pair_files or {}).items()}
-    located = [b for b in section["branches"] if b not in pair_files]
-    if located and (queries is None or references is None):
-        raise UserError(f"give --queries and --references to locate the pairs of {located}, "
-                        "or --pairs NAME=FILE for every branch")
-    queries = Path(queries) if queries else None
-    references = Path(references) if references else None
+    pair_files = {k: Path(v) for k, v in pair_files.items()}
     work_dir = Path(work_dir)
-    folder = run_folder(conf, queries, references, work_dir, pair_files)
+    folder = run_folder(conf, pair_files, work_dir)
     out = Path(out) if out else folder / "submission.csv"
     run = start_run(work_dir, STAGE)
     with run:
-        ctx = Context(conf, queries, references, work_dir, folder)
         scorer = fused_scores if section["method"] == "fusion" else max_scores
-        scores = scorer(ctx, pair_files)
-        rows = submission_rows(scores, section["max_pairs"])
+        table, scores = scorer(conf, branches, pair_files, folder)
+        rows = submission_rows(dict(zip(table.pairs, scores.tolist(), strict=True)),
+                               section["max_pairs"])
+        write_csv(features_path(out), ["query_id", "reference_id", "found_by",
+                                       *table.features, "score"],
+                  [(q, r, by, *(f"{v:.6g}" for v in x), f"{s:.9g}") for (q, r), by, x, s
+                   in zip(table.pairs, table.found_by, table.x, scores, strict=True)])
         write_csv(out, SUBMISSION_COLUMNS, rows)
         run.logger.info("%s of %s: %d candidate pairs, %d written to %s", section["method"],
-                        "+".join(section["branches"]), len(scores), len(rows), out)
+                        "+".join(b.name for b in branches), len(table.pairs), len(rows), out)
     return out
 
 
@@ -113,27 +122,21 @@ def parse_pair_files(items: list[str]) -> dict[str, Path]:
     return files
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    cli.add_set_args(parser, required=False)
-    parser.add_argument("--pairs", nargs="+", default=[], metavar="NAME=FILE",
-                        help="a branch's pairs file (default: located from the folders)")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pairs", nargs="+", required=True, metavar="NAME=FILE",
+                        help="the pairs file of each branch of merge.branches (what "
+                        "`copydet verify` / `copydet global-search` printed)")
     parser.add_argument("--out", type=Path, help="submission CSV (default: under --work)")
-    cli.add_common_args(parser)
-    return parser.parse_args(argv)
 
 
-def run_cli(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    try:
-        pair_files = parse_pair_files(args.pairs)
-    except UserError as err:
-        raise SystemExit(f"error: {err}") from None
-    cli.run_main(main, cli.config_from_args(args), args.queries, args.references, args.work,
-                 args.out, pair_files)
+def call(conf: dict[str, Any], args: argparse.Namespace) -> Path:
+    import pipeline  # the branch declarations (pipeline imports this module)
+
+    return main(conf, pipeline.selected(conf["merge"]["branches"]),
+                parse_pair_files(args.pairs), args.work, args.out)
 
 
-if __name__ == "__main__":  # go through the package module so that workers can unpickle tasks
-    from merge import fuse
+COMMAND = cli.Command("merge", __doc__, add_arguments, call)
 
-    fuse.run_cli()
+if __name__ == "__main__":
+    cli.run_module("merge.fuse")

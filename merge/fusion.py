@@ -16,7 +16,7 @@ import numpy as np
 from common.logistic import LogisticModel
 from merge.features import PairTable
 
-FIT_HINT = "python -m merge.calibrate --photos <training photos>"
+FIT_HINT = "make calibrate-fusion (copydet calibrate-fusion --photos <training photos>)"
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Stage: find the pasted copy in each query with the overlay detector and crop it.
 
-    python -m preprocess.detect --images data/queryimages --work work
+    copydet detect --images data/queryimages --work work
 
 Queries that are a small copy pasted onto another picture, a screenshot, a meme or a padded
 frame are mostly surroundings; cropping the copy gives the branches a query that is mostly the
@@ -10,7 +10,7 @@ almost the whole image (area <= ``max_area``), not too elongated (aspect within
 ``max_aspect``) and not tiny (``min_side`` px). The box is used for the global branch when its
 confidence exceeds ``conf_global`` and for the local branch when it exceeds ``conf_local``.
 
-Writes, under ``<work>/preprocess/<conf>/<set>/``:
+Writes, under ``<work>/preprocess/<conf>/<set key>/``, and returns ``boxes.csv``:
 
 - ``<set>-crop_global/`` and ``<set>-crop_local/``: one image per query, named by its id: the
   crop (JPEG, cut from the full-resolution image, ``margin`` added on each side) when the
@@ -24,10 +24,10 @@ Writes, under ``<work>/preprocess/<conf>/<set>/``:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,11 +37,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from common import UserError, cli
-from common.config import REPO_ROOT, output_name
-from common.devices import torch_device
+from common import cli
+from common.config import file_digest, output_name
+from common.devices import torch_devices
 from common.images import ImageError, ImageSet, list_images, read_image, resize_long_side
-from common.io import atomic_path, clean_stale_tmp, dump_joblib, write_csv
+from common.io import atomic_path, clean_stale_tmp, dump_joblib, read_csv, write_csv
 from common.logs import RunLog, start_run
 from common.parallel import resolve_n_jobs
 from common.shards import ShardStore, ShardTask
@@ -96,7 +96,12 @@ def crop_region(box: Box, size: tuple[int, int], margin: float) -> tuple[int, in
 
 
 class Detector:
-    """The overlay detector on batches of images (ultralytics YOLO, offline, CPU or GPU)."""
+    """The overlay detector on batches of images (ultralytics YOLO, offline, CPU or GPUs).
+
+    ``preprocess.device`` names its devices (``common.devices.torch_devices``: ``auto`` is
+    every GPU torch sees, else the CPU); each device gets a model replica of its own and, with
+    several, the batches go round-robin to them, one thread per device, results in order.
+    """
 
     def __init__(self, conf: dict[str, Any], threads: int = 1,
                  config_dir: str | Path | None = None):
@@ -105,8 +110,10 @@ class Detector:
         ultralytics_offline(config_dir)
         set_threads(threads)
         self.conf = conf
+        self.devices = torch_devices(conf["device"], "preprocess.device")
+        self.device = self.devices[0]
         self.model = load_model(conf["weights"])
-        self.device = torch_device(conf["device"], "preprocess.device")
+        self.models = [self.model, *(load_model(conf["weights"]) for _ in self.devices[1:])]
 
     def small(self, path: str | Path) -> tuple[np.ndarray, tuple[int, int]]:
         """The image as RGB with long side ``imgsz`` (reduced-scale JPEG decoding), and its
@@ -114,33 +121,47 @@ class Detector:
         rgb, size = read_image(path, "RGB", min_side=self.conf["imgsz"])
         return resize_long_side(rgb, self.conf["imgsz"]), size
 
-    def detect(self, images: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[list[Box]]:
-        """All boxes over ``min_conf`` of each RGB image, scaled to its full ``size``."""
+    def _detect_batch(self, replica: int, images: list[np.ndarray],
+                      sizes: list[tuple[int, int]]) -> list[list[Box]]:
+        """Boxes of one batch of RGB images, by model replica ``replica`` on its device."""
+        batch = [np.ascontiguousarray(im[..., ::-1]) for im in images]  # ultralytics wants BGR
+        results = self.models[replica].predict(batch, imgsz=self.conf["imgsz"],
+                                               conf=self.conf["min_conf"], iou=0.5,
+                                               max_det=self.conf["max_det"],
+                                               device=self.devices[replica], verbose=False)
         out: list[list[Box]] = []
-        for start in range(0, len(images), self.conf["batch"]):
-            batch = [np.ascontiguousarray(im[..., ::-1]) for im in
-                     images[start:start + self.conf["batch"]]]  # ultralytics wants BGR
-            results = self.model.predict(batch, imgsz=self.conf["imgsz"],
-                                         conf=self.conf["min_conf"], iou=0.5,
-                                         max_det=self.conf["max_det"], device=self.device,
-                                         verbose=False)
-            for im, size, result in zip(batch, sizes[start:], results, strict=False):
-                sx, sy = size[0] / im.shape[1], size[1] / im.shape[0]
-                xyxy = result.boxes.xyxy.cpu().numpy().astype(np.float64) * [sx, sy, sx, sy]
-                out.append([Box(*np.clip(b, 0, [*size, *size]).tolist(), float(c))
-                            for b, c in zip(xyxy, result.boxes.conf.cpu().numpy(), strict=True)])
+        for im, size, result in zip(batch, sizes, results, strict=False):
+            sx, sy = size[0] / im.shape[1], size[1] / im.shape[0]
+            xyxy = result.boxes.xyxy.cpu().numpy().astype(np.float64) * [sx, sy, sx, sy]
+            out.append([Box(*np.clip(b, 0, [*size, *size]).tolist(), float(c))
+                        for b, c in zip(xyxy, result.boxes.conf.cpu().numpy(), strict=True)])
         return out
 
+    def detect(self, images: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[list[Box]]:
+        """All boxes over ``min_conf`` of each RGB image, scaled to its full ``size``."""
+        step = self.conf["batch"]
+        starts = range(0, len(images), step)
+        if len(self.devices) == 1:
+            return [boxes for s in starts
+                    for boxes in self._detect_batch(0, images[s:s + step], sizes[s:s + step])]
+        n = len(self.devices)
 
-def weights_digest(weights: str | Path) -> str:
-    path = Path(weights) if Path(weights).is_absolute() else REPO_ROOT / weights
-    return hashlib.sha1(path.read_bytes()).hexdigest()[:12] if path.is_file() else "missing"
+        def run_device(replica: int) -> list[list[list[Box]]]:
+            return [self._detect_batch(replica, images[s:s + step], sizes[s:s + step])
+                    for s in starts[replica::n]]
+
+        with ThreadPoolExecutor(n, thread_name_prefix="detect") as pool:  # one per device
+            per_device = list(pool.map(run_device, range(n)))
+        out: list[list[Box]] = []
+        for b in range(len(starts)):  # batch b ran on replica b % n, as its (b // n)-th
+            out += per_device[b % n][b // n]
+        return out
 
 
 def output_root(conf: dict[str, Any], work_dir: str | Path) -> Path:
     """Folder of all query sets' detections made with this configuration and these weights."""
     section = {k: v for k, v in conf[STAGE].items() if k not in NOT_IN_NAME}
-    return Path(work_dir) / STAGE / output_name(section, weights_digest(conf[STAGE]["weights"]))
+    return Path(work_dir) / STAGE / output_name(section, file_digest(conf[STAGE]["weights"]))
 
 
 def crop_folder(root: Path, branch: str) -> Path:
@@ -148,20 +169,15 @@ def crop_folder(root: Path, branch: str) -> Path:
     return root / f"{root.name}-crop_{branch}"
 
 
-def detections(conf: dict[str, Any], queries: str | Path, work_dir: str | Path) -> Path:
-    """The detection folder of a query set (named after the query folder or its store)."""
-    return output_root(conf, work_dir) / Path(queries).resolve().name
-
-
-def crops(conf: dict[str, Any], queries: str | Path, work_dir: str | Path,
-          branch: str) -> Path:
-    """The image folder that ``branch`` ("global" or "local") uses for these queries: one
-    image per query id, its crop or the original (``preprocess.detect`` must have run)."""
-    folder = crop_folder(detections(conf, queries, work_dir), branch)
-    if not (folder.parent / "boxes.csv").exists():
-        raise UserError(f"no detections of {queries} at {folder.parent}: run "
-                        f"`python -m preprocess.detect --images {queries}` first")
-    return folder
+def crop_set(boxes: Path, branch: str) -> ImageSet:
+    """The crops ``branch`` ("global" or "local") uses, from the ``boxes.csv`` that ``main``
+    returned: the queries whose box passed ``conf_<branch>`` (the others' "crop" would be
+    the whole query, which the branch has already described)."""
+    folder = list_images(crop_folder(boxes.parent, branch))
+    used = {r["query_id"] for r in read_csv(boxes) if branch in r["used_for"].split("+")}
+    keep = [(i, p) for i, p in zip(folder.ids, folder.paths, strict=True) if i in used]
+    return ImageSet(folder.name, folder.root, tuple(i for i, _ in keep),
+                    tuple(p for _, p in keep))
 
 
 def keep_original(src: Path, dst: Path) -> None:
@@ -244,12 +260,11 @@ def box_rows(store: ShardStore, conf: dict[str, Any]) -> list[list]:
     return rows
 
 
-def main(conf: dict[str, Any], images: str | Path | ImageSet, work_dir: str | Path,
-         set_name: str | None = None) -> Path:
+def main(conf: dict[str, Any], images: str | Path | ImageSet, work_dir: str | Path) -> Path:
     """Detect and crop the overlays of every query of ``images``; return ``boxes.csv``."""
-    image_set = images if isinstance(images, ImageSet) else list_images(images, set_name)
+    image_set = images if isinstance(images, ImageSet) else list_images(images)
     pconf = conf[STAGE]
-    root = output_root(conf, work_dir) / image_set.name
+    root = output_root(conf, work_dir) / image_set.key
     run = start_run(work_dir, f"{STAGE}.detect-{image_set.name}")
     with run:
         store = ShardStore.plan(root, image_set, conf["run"]["shard_size"])
@@ -278,20 +293,12 @@ def main(conf: dict[str, Any], images: str | Path | ImageSet, work_dir: str | Pa
     return out
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", required=True, type=Path, help="folder of query images")
-    parser.add_argument("--set-name", help="name of the image set (default: folder name)")
-    cli.add_common_args(parser)
-    return parser.parse_args(argv)
 
 
-def run_cli(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    cli.run_main(main, cli.config_from_args(args), args.images, args.work, args.set_name)
+COMMAND = cli.Command("detect", __doc__, add_arguments,
+                      lambda conf, a: main(conf, a.images, a.work))
 
-
-if __name__ == "__main__":  # go through the package module so that workers can unpickle tasks
-    from preprocess import detect
-
-    detect.run_cli()
+if __name__ == "__main__":
+    cli.run_module("preprocess.detect")

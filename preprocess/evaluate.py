@@ -1,6 +1,6 @@
 """Detector quality on a held-out synthetic split: box recall at IoU 0.5, false-fire rate.
 
-    python -m preprocess.evaluate --data work/overlay_synth --split test [--json out.json]
+    copydet detector-eval --data work/overlay_synth --split test [--json out.json]
 
 Runs the detection stage's own code (``Detector``, ``select_box``, ``used_for``) over the
 split's samples (``preprocess.synth``) and reports, for each branch threshold:
@@ -88,18 +88,20 @@ def evaluate(conf: dict[str, Any], data: str | Path, split: str = "test",
     return report
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, type=Path, help="synthetic set (preprocess.synth)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
-    cli.add_common_args(parser)
-    args = parser.parse_args(argv)
-    report = cli.run_main(evaluate, cli.config_from_args(args), args.data, args.split)
+
+
+def call(conf: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    report = evaluate(conf, args.data, args.split)
     if args.json:
         write_json(args.json, report)
     return report
 
 
+COMMAND = cli.Command("detector-eval", __doc__, add_arguments, call)
+
 if __name__ == "__main__":
-    main()
+    cli.run_module("preprocess.evaluate")

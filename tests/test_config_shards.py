@@ -59,7 +59,7 @@ def test_store_refuses_another_folder(photos: Path, tmp_path: Path) -> None:
     ShardStore.plan(tmp_path / "store", list_images(photos), 4)
     other = tmp_path / "other"
     shutil.copytree(photos, other)
-    with pytest.raises(StoreMismatchError, match="another name"):
+    with pytest.raises(StoreMismatchError, match="use another work folder"):
         ShardStore.plan(tmp_path / "store", list_images(other), 4)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -13,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from common import UserError
-from common.config import load_config
-from global_fea import extract, search, weights, whiten
+from common.config import REPO_ROOT, load_config
+from global_fea import codec, extract, search, weights, whiten
 from global_fea.model import GlobalDescriptor, ModelConf
 from tests.conftest import DATA, demo_references
 
@@ -129,10 +130,13 @@ def _folders(tmp_path: Path) -> tuple[Path, Path, Path]:
 
 def test_h5_is_readable_by_plain_h5py_in_the_isc_layout(tmp_path: Path, gconf) -> None:
     train, refs, queries = _folders(tmp_path)
-    with pytest.raises(UserError, match=r"global_fea\.whiten"):
+    with pytest.raises(UserError, match="make global-assets") as missing:
         extract.main(gconf, queries, refs, tmp_path / "work")
+    assert "fit part" in str(missing.value)  # never all training photos: calib stays unseen
+    target = re.search(r"`make ([\w-]+)`", str(missing.value)).group(1)
+    assert re.search(rf"^{target}:", (REPO_ROOT / "Makefile").read_text(), re.M)
     whiten.main(gconf, train, tmp_path / "work")
-    assert whiten.bank_path(gconf["global_fea"]).exists()
+    assert codec.bank_path(gconf["global_fea"]).exists()
     h5 = extract.main(gconf, queries, refs, tmp_path / "work")
     with h5py.File(h5, "r") as f:
         assert {"query", "reference", "query_ids", "reference_ids"} <= set(f)
@@ -144,8 +148,8 @@ def test_h5_is_readable_by_plain_h5py_in_the_isc_layout(tmp_path: Path, gconf) -
             x = f[name][:]
             assert x.dtype == np.float32 and x.shape == (n, 8)
             assert np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
-    skipped = (extract.model_root(gconf, tmp_path / "work") / "queries" / "skipped.csv")
-    assert "broken" in skipped.read_text()
+    (store,) = extract.model_root(gconf, tmp_path / "work").glob("queries-*")
+    assert "broken" in (store / "skipped.csv").read_text()
 
 
 def test_extraction_resumes_a_lost_shard_identically(tmp_path: Path, gconf) -> None:

@@ -127,3 +127,23 @@ def test_resize_never_upscales() -> None:
     img = np.zeros((100, 200), np.uint8)
     assert resize_short_side(img, 300) is img
     assert resize_short_side(img, 50).shape == (50, 100)
+
+
+def test_importing_leaves_pil_pixel_limit_alone_and_our_limit_applies(tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    """Importing common.images used to switch PIL's decompression-bomb check off for the
+    whole process; now a larger limit of our own is in force only while we open an image."""
+    import subprocess
+    import sys
+
+    probe = ("import PIL.Image as I; before = I.MAX_IMAGE_PIXELS; import common.images; "
+             "print(before == I.MAX_IMAGE_PIXELS is not None)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=True, cwd=Path(__file__).parents[1])
+    assert done.stdout.strip() == "True"
+    Image.new("L", (100, 100), 90).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 10,000 px is a "bomb" for PIL
+    gray, size = read_image(tmp_path / "big.png", "L", max_pixels=20_000)
+    assert gray.shape == (100, 100) and size == (100, 100) and Image.MAX_IMAGE_PIXELS == 1000
+    with pytest.raises(ImageError, match="over the 5,000 px limit"):
+        read_image(tmp_path / "big.png", "L", max_pixels=5_000)

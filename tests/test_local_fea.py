@@ -102,3 +102,42 @@ def test_sigkill_midway_then_restart_gives_identical_shards(tmp_path: Path) -> N
     for name in clean_files:
         if name.startswith("shard_"):
             assert (clean_root / name).read_bytes() == (killed_root / name).read_bytes(), name
+
+
+def test_a_set_described_as_references_is_never_reused_as_queries(photos: Path,
+                                                                   tmp_path: Path, conf) -> None:
+    """The same folder extracted as references, then as queries, gets a store of its own with
+    the mirror view and the query keypoint budget (the references' store was reused)."""
+    conf["local_fea"].update(max_keypoints=50, query_max_keypoints=400)
+    work = tmp_path / "work"
+    as_refs = extract.main(conf, photos, work)
+    as_queries = extract.main(conf, photos, work, mirror=True)
+    assert as_queries != as_refs
+    refs, queries = LocalFeatures(as_refs), LocalFeatures(as_queries)
+    assert refs.views() == ["orig"] and queries.views() == ["orig", "mirror"]
+    image = refs.store.ids[0]
+    assert len(refs.get(image)[0]) <= 50 < len(queries.get(image)[0])
+
+
+def test_query_budget_does_not_touch_the_reference_store(photos: Path, tmp_path: Path,
+                                                         conf) -> None:
+    work = tmp_path / "work"
+    refs = extract.main(conf, photos, work)
+    shard = ShardStore(refs).shard_path(0)
+    stamp = shard.stat().st_mtime_ns
+    conf["local_fea"]["query_max_keypoints"] = 500
+    assert extract.main(conf, photos, work) == refs and shard.stat().st_mtime_ns == stamp
+    assert "k500" in extract.main(conf, photos, work, mirror=True).name
+
+
+def test_two_folders_with_one_name_get_their_own_stores(tmp_path: Path, conf) -> None:
+    first, second = tmp_path / "a" / "images", tmp_path / "b" / "images"
+    for folder, photos in ((first, demo_references()[:3]), (second, demo_references()[3:5])):
+        folder.mkdir(parents=True)
+        for path in photos:
+            shutil.copy(path, folder / path.name)
+    work = tmp_path / "work"
+    stores = [extract.main(conf, folder, work) for folder in (first, second)]
+    assert stores[0] != stores[1] and all(s.name.startswith("images-") for s in stores)
+    assert [len(ShardStore(s)) for s in stores] == [3, 2]
+    assert extract.main(conf, first, work) == stores[0]  # found again, not confused

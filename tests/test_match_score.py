@@ -13,7 +13,9 @@ import pytest
 
 from common import UserError
 from common.config import REPO_ROOT, load_config
+from common.shards import ShardStore
 from local_fea import extract, search
+from match_score import verify
 from match_score.score import FEATURES, ScoreModel
 from tests.conftest import DATA, kill_midway, python
 
@@ -56,9 +58,10 @@ def test_missing_or_stale_model_is_a_user_error(tmp_path: Path) -> None:
         ScoreModel.load(tmp_path / "old.json")
 
 
-def _verify_cmd(work: Path) -> list[str]:
-    return [python(), "-m", "match_score.verify", "--queries", str(DATA / "queryimages"),
-            "--references", str(DATA / "referenceimages"), "--work", str(work),
+def _verify_cmd(work: Path, stores: tuple[Path, Path, Path]) -> list[str]:
+    queries, refs, candidates = stores
+    return [python(), "-m", "match_score.verify", "--queries", str(queries),
+            "--references", str(refs), "--candidates", str(candidates), "--work", str(work),
             "-o", "match_score.chunk_pairs=4", "--n-jobs", "1"]
 
 
@@ -68,37 +71,60 @@ def test_verify_sigkill_midway_then_restart_gives_identical_pairs(tmp_path: Path
     clean = tmp_path / "clean"
     refs = extract.main(conf, DATA / "referenceimages", clean)
     queries = extract.main(conf, DATA / "queryimages", clean, mirror=True)
-    search.main(conf, queries, refs, clean)
+    candidates = search.main(conf, queries, refs, clean)
     killed = tmp_path / "killed"
     shutil.copytree(clean, killed)  # same features and candidates, no pairs yet
-    subprocess.run(_verify_cmd(clean), check=True, capture_output=True)
+    inputs = (queries, refs, candidates)
+    subprocess.run(_verify_cmd(clean, inputs), check=True, capture_output=True)
     clean_pairs = next(clean.rglob("pairs.csv"))
     n_chunks = len(list(clean_pairs.parent.glob("parts/chunk_*.csv")))
 
-    kill_midway(_verify_cmd(killed), killed, "chunk_*.csv", 3, n_chunks)
+    moved = tuple(killed / p.relative_to(clean) for p in inputs)
+    kill_midway(_verify_cmd(killed, moved), killed, "chunk_*.csv", 3, n_chunks)
     assert not list(killed.rglob("pairs.csv"))
-    subprocess.run(_verify_cmd(killed), check=True, capture_output=True)
+    subprocess.run(_verify_cmd(killed, moved), check=True, capture_output=True)
     killed_pairs = next(killed.rglob("pairs.csv"))
     assert killed_pairs.read_bytes() == clean_pairs.read_bytes()
     for chunk in sorted(clean_pairs.parent.glob("parts/*")):
         assert (killed_pairs.parent / "parts" / chunk.name).read_bytes() == chunk.read_bytes()
 
 
+def test_verify_again_after_the_references_grew_in_one_process(tmp_path: Path) -> None:
+    """A long-lived worker verifies again after the reference store gained images: its cached
+    features must not be those of the smaller store (they raised KeyError)."""
+    conf = load_config(overrides=["run.n_jobs=1", "run.shard_size=8"])
+    refs_dir = tmp_path / "refs"
+    refs_dir.mkdir()
+    all_refs = sorted((DATA / "referenceimages").glob("*.jpg"))
+    for path in all_refs[:8]:
+        shutil.copy(path, refs_dir / path.name)
+    queries = extract.main(conf, DATA / "queryimages", tmp_path, mirror=True)
+    refs = extract.main(conf, refs_dir, tmp_path)
+    query_id = ShardStore(queries).ids[0]
+    first = verify.verify_pairs(conf, [(query_id, all_refs[0].stem, "orig", "")], queries, refs,
+                                tmp_path / "v1")
+    assert len(first) == 1
+    for path in all_refs[8:16]:
+        shutil.copy(path, refs_dir / path.name)
+    extract.main(conf, refs_dir, tmp_path)
+    again = verify.verify_pairs(conf, [(query_id, all_refs[12].stem, "orig", "")], queries, refs,
+                                tmp_path / "v2")
+    assert again[0]["reference_id"] == all_refs[12].stem
+
+
 def test_visualize_draws_a_verified_pair(tmp_path: Path) -> None:
     from match_score import visualize
 
     conf = load_config()
-    extract.main(conf, DATA / "referenceimages", tmp_path)
-    extract.main(conf, DATA / "queryimages", tmp_path, mirror=True)
     with open(DATA / "gt.csv") as f:
         query_id, ref_id = next((r["query_id"], r["reference_id"]) for r in csv.DictReader(f)
                                 if r["reference_id"])
-    out = visualize.main(conf, query_id, ref_id, DATA / "queryimages", DATA / "referenceimages",
-                         tmp_path)
+    refs = extract.main(conf, DATA / "referenceimages", tmp_path)
+    queries = extract.main(conf, DATA / "queryimages", tmp_path, mirror=True)
+    out = visualize.main(conf, query_id, ref_id, queries, refs, tmp_path)
     picture = cv2.imread(str(out))
     assert picture.shape[0] == visualize.HEIGHT + 60
     green = (picture[:visualize.HEIGHT] == visualize.COLOURS[1]).all(-1).sum()
     assert green > 500  # inlier lines were drawn
     with pytest.raises(UserError, match="not in"):
-        visualize.main(conf, "nope", ref_id, DATA / "queryimages", DATA / "referenceimages",
-                       tmp_path)
+        visualize.main(conf, "nope", ref_id, queries, refs, tmp_path)

@@ -9,31 +9,32 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import pipeline
 from common import UserError
 from common.config import load_config
-from merge import branches, fuse
-from merge.branches import LOGIT_FLOOR, Branch, Context, Evidence
+from merge import evidence, fuse
+from merge.evidence import LOGIT_FLOOR, Evidence
 from merge.features import gather, top_ranked
 from merge.fusion import FusionModel
 from tests.conftest import python
 
 
-def _fake(name: str, found: dict, features: tuple[str, ...], fill_all: bool, calls: list):
-    def read(ctx, path):
+def _fake(name: str, found: dict, features: tuple[str, ...], fill_all: bool, calls: list,
+          scale: str = pipeline.PROBABILITY) -> pipeline.Branch:
+    def read(conf, path):
         return Evidence({p: np.array(v) for p, (v, _) in found.items()},
                         {p: s for p, (_, s) in found.items()})
 
-    def fill(ctx, pairs):
-        calls.append((name, sorted(pairs)))
+    def fill(conf, pairs_file, pairs, folder, branch_name):
+        calls.append((branch_name, sorted(pairs)))
         return Evidence({p: np.full(len(features), 0.5) for p in pairs})
 
-    return Branch(name, features, lambda ctx: Path("unused"), read,
-                  tuple(-1.0 for _ in features), fill, fill_all)
+    return pipeline.Branch(name, pipeline.run_local, features, tuple(-1.0 for _ in features),
+                           scale, read, fill, fill_all)
 
 
 def test_gather_unions_pairs_and_fills_missing_evidence(tmp_path: Path) -> None:
     conf = load_config(overrides=["merge.fill_rank=1"])
-    ctx = Context(conf, None, None, tmp_path, tmp_path)
     calls: list = []
     costly = _fake("costly", {("q1", "r1"): ([3.0], 0.9), ("q2", "r1"): ([2.0], 0.8)},
                    ("c",), fill_all=False, calls=calls)
@@ -41,7 +42,7 @@ def test_gather_unions_pairs_and_fills_missing_evidence(tmp_path: Path) -> None:
                             ("q2", "r1"): ([0.9, 0.4], 0.4)}, ("s", "n"), fill_all=True,
                   calls=calls)
     files = {"costly": tmp_path, "cheap": tmp_path}
-    table = gather(ctx, [costly, cheap], files)
+    table = gather(conf, [costly, cheap], files, tmp_path)
     assert table.pairs == [("q1", "r1"), ("q1", "r2"), ("q1", "r3"), ("q2", "r1")]
     assert table.features == ["c", "s", "n"]
     assert table.found_by == ["costly", "cheap", "cheap", "costly+cheap"]
@@ -66,10 +67,10 @@ def test_local_evidence_keeps_the_best_view_and_floors_no_inliers() -> None:
                 "inliers": inliers, "inliers_h1": inliers, "inliers_h2": 0,
                 "dense_agree": 0.6, "dense_cells": 40}
 
-    ev = branches.local_evidence([row("q", "r", "orig", 4, 40), row("q", "r", "mirror", 40, 60),
+    ev = evidence.local_evidence([row("q", "r", "orig", 4, 40), row("q", "r", "mirror", 40, 60),
                                   row("q", "s", "orig", 0, 3)], conf)
-    strong = branches.local_evidence([row("q", "r", "mirror", 40, 60)], conf)
-    weak = branches.local_evidence([row("q", "r", "orig", 4, 40)], conf)
+    strong = evidence.local_evidence([row("q", "r", "mirror", 40, 60)], conf)
+    weak = evidence.local_evidence([row("q", "r", "orig", 4, 40)], conf)
     assert ev.features[("q", "r")][0] == strong.features[("q", "r")][0]
     assert strong.features[("q", "r")][0] > weak.features[("q", "r")][0] > LOGIT_FLOOR
     assert ev.features[("q", "s")][0] == LOGIT_FLOOR and ev.scores[("q", "s")] == 0.0
@@ -90,7 +91,7 @@ def test_fusion_model_is_calibrated_deterministic_and_checked(tmp_path: Path) ->
     assert np.array_equal(scores, model.score(table)) and len(np.unique(scores)) == 400
     grid = np.c_[np.linspace(-3, 3, 50), np.zeros(50)]  # more evidence, higher score
     assert np.all(np.diff(again.probability(grid)) > 0)
-    with pytest.raises(UserError, match=r"merge\.calibrate"):
+    with pytest.raises(UserError, match="calibrate-fusion"):
         FusionModel.load(path, ["useful", "noise", "crop_local_logit"])
 
 
@@ -116,12 +117,30 @@ def test_fuse_max_method_from_given_pair_files(tmp_path: Path) -> None:
         rows = list(csv.reader(f))
     assert rows == [["query_id", "reference_id", "score"], ["q1", "r1", "0.4"],
                     ["q1", "r2", "0.1"]]
-    bad = subprocess.run([*cmd[:3], "global", *cmd[4:]], capture_output=True, text=True)
-    assert bad.returncode != 0 and "NAME=FILE" in bad.stderr
-    conf = load_config(overrides=["merge.branches=[global, nonesuch]"])
+    bad = subprocess.run([*cmd[:4], "global", *cmd[5:]], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: --pairs 'global' is not of the form NAME=FILE (e.g. global=...)"]
     with pytest.raises(UserError, match="unknown branch"):
-        fuse.main(conf, None, None, tmp_path / "work", pair_files={"global": glob,
-                                                                   "nonesuch": glob})
+        pipeline.selected(["global", "nonesuch"])
+
+
+def test_max_method_refuses_scores_of_different_scales(tmp_path: Path) -> None:
+    """A local probability and a normalised cosine are not comparable: max over both is an
+    error (it used to rank one branch's scores above the other's by their scale alone)."""
+    conf = load_config(overrides=["merge.method=max"])
+    calls: list = []
+    local = _fake("local", {("q1", "r1"): ([3.0], 0.9)}, ("l",), False, calls)
+    glob = _fake("global", {("q1", "r2"): ([0.7, 0.2], 0.2)}, ("s", "n"), True, calls,
+                 scale=pipeline.SIMILARITY)
+    files = {"local": tmp_path, "global": tmp_path, "crop_local": tmp_path}
+    with pytest.raises(UserError, match="different scales"):
+        fuse.main(conf, [local, glob], files, tmp_path / "work")
+    crop = _fake("crop_local", {("q1", "r3"): ([1.0], 0.95)}, ("c",), False, calls)
+    out = fuse.main(conf, [local, crop], files, tmp_path / "work", tmp_path / "sub.csv")
+    assert out.read_text().splitlines() == ["query_id,reference_id,score", "q1,r3,0.95",
+                                            "q1,r1,0.9"]
+    assert pipeline.BRANCHES["local"].scale == pipeline.BRANCHES["crop_local"].scale
+    assert pipeline.BRANCHES["global"].scale != pipeline.BRANCHES["local"].scale
 
 
 def test_submission_is_best_first_tie_broken_by_ids_and_capped() -> None:

@@ -1,10 +1,12 @@
-"""End to end: the demo with all sockets blocked (every branch and their fusion); a slice of
-the devset with a micro-AP floor."""
+"""End to end through the pipeline module: the demo with all sockets blocked (every branch and
+their fusion, sets in two folders of one name); a slice of the devset with a micro-AP floor."""
 
 from __future__ import annotations
 
 import csv
+import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,35 +16,23 @@ from common.config import REPO_ROOT
 from evaluation.isc_metric import evaluate, load_ground_truth, load_predictions
 from tests.conftest import DATA, DEVSET, offline_env, python
 
-SETS = ["--queries", "{query}", "--references", "{ref}"]
-STAGES = [
-    ["local_fea.extract", "--images", "{ref}"],
-    ["local_fea.extract", "--images", "{query}", "--mirror"],
-    ["local_fea.search", *SETS],
-    ["match_score.verify", *SETS],
-    ["preprocess.detect", "--images", "{query}"],
-    ["preprocess.crop_local", *SETS],
-    ["global_fea.extract", *SETS],
-    ["global_fea.search", *SETS],
-    ["merge.fuse", *SETS, "--out", "{out}"],
-]
+
+def run_pipeline(query: Path, ref: Path, work: Path, out: Path, *opts: str,
+                 env: dict | None = None) -> Path:
+    """``python -m pipeline run`` (what ``make all`` runs); return the submission it printed."""
+    cmd = [python(), "-m", "pipeline", "run", "--queries", str(query), "--references", str(ref),
+           "--work", str(work), "--out", str(out), *opts]
+    done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, check=True, capture_output=True,
+                          text=True)
+    return Path(done.stdout.strip().splitlines()[-1])
 
 
-def run_stage(stage: list[str], query: Path, ref: Path, work: Path, out: Path,
-              env: dict | None = None) -> str:
-    """Run one stage's command line; return the last line it printed (its output path)."""
-    args = [a.format(query=query, ref=ref, out=out) for a in stage]
-    done = subprocess.run([python(), "-m", *args, "--work", str(work)], cwd=REPO_ROOT, env=env,
-                          check=True, capture_output=True, text=True)
-    return done.stdout.strip().splitlines()[-1]
-
-
-def run_pipeline(query: Path, ref: Path, work: Path, env: dict | None = None) -> Path:
-    """Run every stage's command line in turn; return the submission CSV."""
-    out = work / "submission.csv"
-    for stage in STAGES:
-        run_stage(stage, query, ref, work, out, env)
-    return out
+def _same_folder_names(tmp_path: Path) -> tuple[Path, Path]:
+    """The demo sets as ``x/images`` and ``y/images``: two folders with one name."""
+    query, ref = tmp_path / "x" / "images", tmp_path / "y" / "images"
+    shutil.copytree(DATA / "queryimages", query)
+    shutil.copytree(DATA / "referenceimages", ref)
+    return query, ref
 
 
 def _pairs(path: Path) -> list[tuple[str, str, float]]:
@@ -57,19 +47,28 @@ def test_demo_runs_offline_fuses_the_branches_and_finds_the_copies(tmp_path: Pat
         [python(), "-c", "import socket; socket.create_connection(('pypi.org', 443), 3)"],
         env=env, capture_output=True, text=True)
     assert blocked.returncode != 0 and "network blocked" in blocked.stderr
-    query, ref, work = DATA / "queryimages", DATA / "referenceimages", tmp_path / "work"
-    out = run_pipeline(query, ref, work, env)
+    query, ref = _same_folder_names(tmp_path)
+    work = tmp_path / "work"
+    out = run_pipeline(query, ref, work, tmp_path / "submission.csv", env=env)
+    assert out == tmp_path / "submission.csv"
     assert out.read_text().splitlines()[0] == "query_id,reference_id,score"
+    record = json.loads((work / "pipeline.json").read_text())
+    assert record["submission"] == str(out) and set(record["branches"]) == {
+        "local", "global", "crop_local"}
+    stores = [record["branches"]["local"][k] for k in ("query_store", "reference_store")]
+    assert [Path(s).name.split("-")[0] for s in stores] == ["images", "images"]
+    assert len({Path(s).parent for s in stores}) == 1 and stores[0] != stores[1]
+    assert [s["stage"] for s in record["stages"]][-1] == "merge.fuse"
+    assert all(Path(s["output"]).exists() for s in record["stages"])
     logs = list((work / "runs").glob("*/run.log"))
-    assert len(logs) >= len(STAGES)  # a stage may log sub-runs (one per image set)
+    assert len(logs) >= 8  # one per stage run, a stage may log one per image set
     assert all(" done: 0 input(s) skipped" in log.read_text() for log in logs)
 
     alone = {}
     for branch in ("local", "global", "crop_local"):
-        stage = ["merge.fuse", *SETS, "--out", "{out}", "-o", "merge.method=max",
-                 "-o", f"merge.branches=[{branch}]"]
-        alone[branch] = Path(run_stage(stage, query, ref, work, tmp_path / f"{branch}.csv",
-                                       env))
+        alone[branch] = run_pipeline(query, ref, work, tmp_path / f"{branch}.csv",
+                                     "-o", "merge.method=max", "-o",
+                                     f"merge.branches=[{branch}]", env=env)
     fused = _pairs(out)
     pairs = [(q, r) for q, r, _ in fused]
     scores = [s for _, _, s in fused]
@@ -84,6 +83,16 @@ def test_demo_runs_offline_fuses_the_branches_and_finds_the_copies(tmp_path: Pat
     assert m["fused"].micro_ap >= m["local"].micro_ap - 0.01
     assert m["fused"].micro_ap >= 0.9 and m["fused"].recall_at_p90 >= 0.9
     assert m["fused"].recall_at_rank1 >= m["local"].recall_at_rank1
+
+
+def test_make_all_chains_the_pipeline_on_same_named_folders(tmp_path: Path) -> None:
+    """``make all`` runs ``copydet run``: what it would run, with two sets named ``images``."""
+    query, ref = _same_folder_names(tmp_path)
+    done = subprocess.run(["make", "-n", "all", f"QUERY={query}", f"REF={ref}",
+                           f"WORK={tmp_path / 'work'}"], cwd=REPO_ROOT, capture_output=True,
+                          text=True, check=True)
+    run = [line for line in done.stdout.splitlines() if "copydet run" in line]
+    assert len(run) == 1 and f"--queries {query} --references {ref}" in run[0]
 
 
 def _link_slice(tmp_path: Path, n_queries: int, n_other_refs: int) -> tuple[Path, Path, Path]:
@@ -109,7 +118,7 @@ def _link_slice(tmp_path: Path, n_queries: int, n_other_refs: int) -> tuple[Path
 @pytest.mark.skipif(not DEVSET.is_dir(), reason="../shared/devset is not beside the checkout")
 def test_devset_slice_micro_ap_floor(tmp_path: Path) -> None:
     queries, refs, gt = _link_slice(tmp_path, n_queries=120, n_other_refs=300)
-    out = run_pipeline(queries, refs, tmp_path / "work")
+    out = run_pipeline(queries, refs, tmp_path / "work", tmp_path / "submission.csv")
     metrics = evaluate(load_predictions(out), load_ground_truth(gt))
     assert metrics.n_positives >= 40
     assert metrics.micro_ap >= 0.97 and metrics.recall_at_p90 >= 0.95, metrics.to_dict()

@@ -12,13 +12,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import pipeline
 from common import UserError
 from common.edits import map_points, random_chain
+from common.images import list_images
 from common.io import read_csv
 from merge import fuse
-from merge.branches import LOGIT_FLOOR, Context, selected
+from merge.evidence import LOGIT_FLOOR
 from merge.features import gather
-from preprocess import crop_local, detect, synth
+from preprocess import detect, synth
 from preprocess.detect import Box, select_box, used_for
 from preprocess.evaluate import iou
 from preprocess.yolo import load_model
@@ -191,32 +193,28 @@ def test_thresholds_of_one_keep_every_query_whole_and_empty_crop_branch(tmp_path
         for branch in ("global", "local"):
             kept = detect.crop_folder(boxes.parent, branch) / f"{name}.jpg"
             assert kept.read_bytes() == (tmp_path / "queries" / f"{name}.jpg").read_bytes()
-    assert crop_local.crop_set(conf, tmp_path / "queries", tmp_path / "work").ids == ()
+    assert detect.crop_set(boxes, "local").ids == ()
 
 
 @pytest.mark.slow
 def test_crop_local_branch_scores_crops_under_original_ids_and_merge_fuses_it(
         tmp_path: Path, conf) -> None:
-    from local_fea import extract, search
-    from match_score import verify
-
     queries = tmp_path / "queries"
     queries.mkdir()
     for qid in (*ONTO_BG, "Q00013", "Q00001", "Q00010"):
         shutil.copy(DATA / "queryimages" / f"{qid}.jpg", queries)
     work = tmp_path / "work"
-    extract.main(conf, DATA / "referenceimages", work)
-    extract.main(conf, queries, work, mirror=True)
-    search.main(conf, queries, DATA / "referenceimages", work)
-    verify.main(conf, queries, DATA / "referenceimages", work)
+    query_set, ref_set = list_images(queries), list_images(DATA / "referenceimages")
+    local = pipeline.run_local(conf, query_set, ref_set, work, pipeline.Record())
     conf["merge"].update(method="max", branches=["local", "crop_local"])
+    branches = pipeline.selected(conf["merge"]["branches"])
     with pytest.raises(UserError, match="no pairs of the crop_local branch"):
-        fuse.main(conf, queries, DATA / "referenceimages", work)  # the detector has not run
+        fuse.main(conf, branches, {"local": local["pairs"]}, work)  # the detector has not run
 
-    detect.main(conf, queries, work)
-    pairs = crop_local.main(conf, queries, DATA / "referenceimages", work)
-    assert pairs == crop_local.pairs_path(conf, queries, DATA / "referenceimages", work)
-    cropped = set(crop_local.crop_set(conf, queries, work).ids)
+    crop = pipeline.run_crop_local(conf, query_set, ref_set, work, pipeline.Record())
+    pairs = crop["pairs"]
+    assert crop["reference_store"] == local["reference_store"]  # one store per reference set
+    cropped = set(detect.crop_set(crop["boxes"], "local").ids)
     found = cropped & set(ONTO_BG)
     assert found and "Q00013" in cropped  # Q00013: a paste whose source is no reference
     rows = read_csv(pairs)
@@ -227,13 +225,13 @@ def test_crop_local_branch_scores_crops_under_original_ids_and_merge_fuses_it(
                                                                        r["reference_id"]))
     assert all(best[qid][1] == csv_ref(qid) for qid in found)
 
-    sub = fuse.main(conf, queries, DATA / "referenceimages", work, tmp_path / "sub.csv")
+    files = {"local": local["pairs"], "crop_local": pairs}
+    sub = fuse.main(conf, branches, files, work, tmp_path / "sub.csv")
     fused = {(r["query_id"], r["reference_id"]): float(r["score"]) for r in read_csv(sub)}
     for r in rows:  # the best of both branches: the crops' evidence is in the submission
         assert fused[(r["query_id"], r["reference_id"])] >= float(r["score"]) - 1e-9
 
-    ctx = Context(conf, queries, DATA / "referenceimages", work, tmp_path / "fusion")
-    table = gather(ctx, selected(["local", "crop_local"]))
+    table = gather(conf, branches, files, tmp_path / "fusion")
     crop_logit = dict(zip(table.pairs, table.x[:, 1], strict=True))
     for qid in found:  # crop evidence for the true pair, even where only local found it
         assert crop_logit[(qid, csv_ref(qid))] > 0

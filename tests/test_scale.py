@@ -1,26 +1,28 @@
 """Scaling out: Dask execution, streamed exact search, incremental and removed references,
-one worker per GPU (CPU fallbacks)."""
+every GPU of a node for the torch stages (CPU fallbacks)."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
+import torch
 
-from common import UserError
+import pipeline
+from common import UserError, devices, knn
 from common.config import load_config
-from common.devices import claim_slot, gpu_n_jobs, worker_device
+from common.devices import torch_device, torch_devices
 from common.images import list_images
 from common.knn import FlatIndex
-from common.parallel import connect, execution, parallel_map
+from common.parallel import connect, execution
 from common.shards import ShardStore
 from local_fea import extract, search
 from local_fea.index import (
@@ -30,7 +32,6 @@ from local_fea.index import (
     reference_blocks,
     use_gpu,
 )
-from match_score import verify
 from tests.conftest import DATA, REPO_ROOT, python
 
 GT = {r["query_id"]: r["reference_id"] for r in csv.DictReader(
@@ -55,11 +56,10 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 
 def _pipeline(conf: dict, queries: Path, refs: Path, work: Path) -> tuple[Path, Path]:
-    """Extract, search and verify; return the candidates and the scored pairs."""
-    extract.main(conf, refs, work)
-    extract.main(conf, queries, work, mirror=True)
-    candidates = search.main(conf, queries, refs, work)
-    return candidates, verify.main(conf, queries, refs, work)
+    """The local branch; return the candidates and the scored pairs."""
+    out = pipeline.run_local(conf, list_images(queries), list_images(refs), work,
+                             pipeline.Record())
+    return out["candidates"], out["pairs"]
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_dask_local_cluster_run_equals_local_run(cluster, demo_sets, tmp_path: P
     assert "Dask scheduler" in done.stderr
     assert _files(tmp_path / "cli" / "local_fea") == {
         k: v for k, v in _files(tmp_path / "local" / "local_fea").items()
-        if k.split("/")[1] == "references"}
+        if k.split("/")[1].startswith("references-")}
 
 
 def test_unreachable_scheduler_is_a_one_line_error(tmp_path: Path) -> None:
@@ -157,8 +157,8 @@ def test_streamed_exact_search_equals_one_shot(demo_features) -> None:
 
 
 def _search_files(work: Path) -> tuple[Path, Path]:
-    index_dir = next((work / "local_search").glob("*/references"), None)
-    return index_dir, next((work / "local_search").glob("*/queries-vs-references"))
+    index_dir = next((work / "local_index").glob("*/references-*"), None)
+    return index_dir, next((work / "local_search").glob("*/queries-*-vs-references-*"))
 
 
 @pytest.mark.parametrize("index", ["IVF4096,PQ64x4fs", "Flat"])
@@ -170,27 +170,28 @@ def test_incremental_add_gives_the_candidates_of_a_rebuild(demo_sets, tmp_path: 
     conf = load_config(overrides=["run.shard_size=4", "run.n_jobs=2",
                                   f"local_search.index={index}"])
     work = tmp_path / "work"
-    extract.main(conf, queries, work, mirror=True)
-    extract.main(conf, refs, work)
-    before = _rows(search.main(conf, queries, refs, work))
+    query_store = extract.main(conf, queries, work, mirror=True)
+    ref_store = extract.main(conf, refs, work)
+    before = _rows(search.main(conf, query_store, ref_store, work))
 
     _copy(names[16:], all_refs, refs)  # 8 more references: two new shards
-    extract.main(conf, refs, work)
-    store = ShardStore(next((work / "local_fea").glob("*/references")))
+    assert extract.main(conf, refs, work) == ref_store
+    store = ShardStore(ref_store)
     assert len(store.shards) == 6 and store.missing() == []
-    incremental = search.main(conf, queries, refs, work).read_bytes()
+    incremental = search.main(conf, query_store, ref_store, work).read_bytes()
     index_dir, out = _search_files(work)
     parts = sorted((out / "parts").iterdir())
-    assert len(parts) == len(ShardStore(next((work / "local_fea").glob("*/queries"))).shards)
+    assert len(parts) == len(ShardStore(query_store).shards)
     if index != "Flat":  # updated in place: only the two new shards were encoded
         assert ReferenceIndex(index_dir, conf["local_search"], "").current()[0] == 6
         assert [p.name for p in index_dir.iterdir()] == ["index-6.faiss"]
         logs = "".join(p.read_text() for p in sorted((work / "runs").glob("*search*/run.log")))
         assert logs.index("adding 4 reference shard(s)") < logs.index("adding 2 reference")
 
-    shutil.rmtree(work / "local_search")  # rebuild the index and search again from scratch
-    assert search.main(conf, queries, refs, work).read_bytes() == incremental
-    after = _rows(search.main(conf, queries, refs, work))
+    for folder in ("local_search", "local_index"):  # rebuild the index, search from scratch
+        shutil.rmtree(work / folder, ignore_errors=True)
+    assert search.main(conf, query_store, ref_store, work).read_bytes() == incremental
+    after = _rows(search.main(conf, query_store, ref_store, work))
     new_refs = {Path(n).stem for n in names[16:]}
     assert not any(r["reference_id"] in new_refs for r in before)
     found_new = {r["query_id"] for r in after if r["reference_id"] in new_refs
@@ -215,7 +216,7 @@ def test_removed_references_leave_the_results(demo_sets, tmp_path: Path, index: 
     for ref in gone:
         shutil.move(refs / f"{ref}.jpg", moved / f"{ref}.jpg")
     candidates, pairs = _pipeline(conf, queries, refs, work)
-    store = ShardStore(next((work / "local_fea").glob("*/references")))
+    store = ShardStore(next((work / "local_fea").glob("*/references-*-ref")))
     assert store.removed == set(gone) and len(store) == 24  # features kept, ids listed
     assert not any(r["reference_id"] in gone for r in _rows(candidates))
     assert not any(r["reference_id"] in gone for r in _rows(pairs))
@@ -248,31 +249,92 @@ def test_store_lists_images_gone_from_the_folder(photos: Path, tmp_path: Path) -
     assert store.removed == frozenset() and store.revision == revision
 
 
-def _claim(lock_dir: str) -> tuple[int, int]:
-    time.sleep(0.3)  # keep both workers busy so that each takes tasks
-    return os.getpid(), claim_slot(2, lock_dir)
+def test_torch_devices_without_gpus_are_the_cpu() -> None:
+    assert torch_devices("auto", "k") == ["cpu"] and torch_device("auto", "k") == "cpu"
+    assert torch_devices("cpu", "k") == ["cpu"]
+    assert torch_devices(["cpu", "cpu"], "k") == torch_devices("cpu, cpu", "k") == ["cpu"] * 2
+    for name in ("cuda", "cuda:0", 0, "1"):
+        with pytest.raises(UserError, match="torch sees no GPU"):
+            torch_devices(name, "global_fea.device")
+    with pytest.raises(UserError, match="expected auto, cpu, cuda"):
+        torch_devices("tpu", "preprocess.device")
 
 
-def test_each_worker_process_claims_its_own_gpu_slot(tmp_path: Path) -> None:
-    lock_dir = str(tmp_path / "locks")
-    results = list(parallel_map(_claim, [lock_dir] * 6, n_jobs=2))
-    slots = dict(results)
-    assert len(slots) == 2 and sorted(slots.values()) == [0, 1]
-    assert all(slots[pid] == slot for pid, slot in results)  # a process keeps its slot
-    assert claim_slot(2, lock_dir) in (0, 1)  # a third process shares one
+def test_torch_devices_are_every_visible_gpu(monkeypatch) -> None:
+    monkeypatch.setattr(devices, "torch_gpus", lambda: 3)  # what CUDA_VISIBLE_DEVICES leaves
+    every = ["cuda:0", "cuda:1", "cuda:2"]
+    assert devices.cuda_devices() == every
+    assert torch_devices("auto", "k") == torch_devices("cuda", "k") == every
+    assert torch_devices("cuda:2", "k") == ["cuda:2"] and torch_devices(1, "k") == ["cuda:1"]
+    assert torch_devices("0,2", "k") == ["cuda:0", "cuda:2"]
+    assert torch_device("auto", "k") == torch_device("cuda", "k") == "cuda:0"
+    with pytest.raises(UserError, match="sees only 3 GPU"):
+        torch_devices("cuda:3", "k")
 
 
 def test_without_gpus_everything_runs_on_cpu() -> None:
-    assert worker_device() == "cpu" and worker_device(False) == "cpu"
-    with pytest.raises(UserError, match="torch sees no CUDA device"):
-        worker_device(True)
-    assert gpu_n_jobs(3, 0) == 3 and gpu_n_jobs(3, 4) == 4
     conf = load_config()["local_search"]
     assert use_gpu(conf) is False
-    with pytest.raises(UserError, match="faiss sees no GPU"):
+    with pytest.raises(UserError, match="gpu is true but no GPU is usable"):
         use_gpu({**conf, "gpu": True})
     index = FlatIndex(128, gpu=True)  # asks for GPUs, finds none: one CPU index
     index.add(np.eye(128, dtype=np.float32), np.arange(128) + 1000)
     dist, ids = index.search(np.eye(128, dtype=np.float32)[:3], 2)
     assert ids[:, 0].tolist() == [1000, 1001, 1002] and dist[:, 0].tolist() == [0, 0, 0]
     assert ids.shape == (3, 2)
+    assert ExactSearch(ShardStore.__new__(ShardStore), 10, True, 1).backend == knn.CPU
+
+
+def test_exact_search_on_torch_devices_equals_faiss(demo_features) -> None:
+    query_store, ref_store = demo_features
+    queries = np.concatenate([np.asarray(query_store.load(k)["views"]["orig"]["desc"]["data"])
+                              for k in range(2)]).astype(np.float32)
+    expected = ExactSearch(ref_store, 10, False, 10**9)(queries)
+    two_cpus = knn.torch_backend(["cpu", "cpu"])
+    streamed = ExactSearch(ref_store, 10, two_cpus, max_rows=3000, query_batch=300)
+    resident = ExactSearch(ref_store, 10, two_cpus, max_rows=10**9, query_batch=10**6)
+    for searcher in (streamed, resident, resident):  # the resident block is searched again
+        dist, ids = searcher(queries)
+        np.testing.assert_array_equal(ids, expected[1])  # uint8 descriptors: exact distances,
+        np.testing.assert_array_equal(dist, expected[0])  # so ties fall the same way too
+    assert streamed._streams and resident._resident.ntotal > 3000
+
+
+def test_global_descriptors_on_several_devices_equal_one_device(conf) -> None:
+    from global_fea import extract as global_extract
+    from global_fea import weights
+
+    section = {**conf["global_fea"], "batch_size": 3, "device": "cpu,cpu"}
+    devs = global_extract.devices_of(section)
+    assert devs == [torch.device("cpu")] * 2 and global_extract.device_of(section) == devs[0]
+    model = weights.build(section)
+    paths = [str(p) for p in sorted((DATA / "referenceimages").glob("*.jpg"))[:8]]
+    one = list(global_extract.describe_batches(model, paths, section, True, devs[0], 0))
+    two = list(global_extract.describe_batches([model, copy.deepcopy(model)], paths, section,
+                                               True, devs, 0))
+    assert [len(r) for _, _, r in two] == [len(r) for _, _, r in one] == [3, 3, 2]
+    for (desc, mirror, reasons), (desc2, mirror2, reasons2) in zip(one, two, strict=True):
+        # same batches, in order (two CPU threads at once may round differently in the last
+        # bits; distinct images differ by far more)
+        np.testing.assert_allclose(desc2, desc, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(mirror2, mirror, rtol=1e-4, atol=1e-6)
+        assert reasons2 == reasons
+
+
+def test_detector_on_several_devices_equals_one_device(tmp_path: Path) -> None:
+    from preprocess.detect import Detector
+
+    pconf = {**load_config()["preprocess"], "batch": 2}
+    one = Detector({**pconf, "device": "cpu"}, 1, tmp_path / "yolo")
+    two = Detector({**pconf, "device": "cpu,cpu"}, 1, tmp_path / "yolo")
+    assert two.devices == ["cpu", "cpu"] and two.models[0] is not two.models[1]
+    smalls = [one.small(p) for p in sorted((DATA / "queryimages").glob("*.jpg"))[:7]]
+    images, sizes = [s for s, _ in smalls], [z for _, z in smalls]
+    boxes = one.detect(images, sizes)
+    assert len(boxes) == 7 and any(boxes)
+    found = two.detect(images, sizes)  # four batches over two replicas, in order
+    assert [len(b) for b in found] == [len(b) for b in boxes]
+    for mine, theirs in zip(found, boxes, strict=True):  # up to the last bits (two threads)
+        for a, b in zip(mine, theirs, strict=True):
+            assert np.allclose([a.x1, a.y1, a.x2, a.y2, a.conf],
+                               [b.x1, b.y1, b.x2, b.y2, b.conf], rtol=1e-4, atol=1e-3)

@@ -9,6 +9,7 @@ import faiss
 import numpy as np
 import pytest
 
+from common import UserError
 from common.shards import ShardStore
 from local_fea import extract, search
 from local_fea.index import ROW_BITS, decode_images, encode_ids, exact_search, reference_blocks
@@ -92,14 +93,32 @@ def test_search_stage_finds_the_copies(demo_stores, index: str) -> None:
     assert {v for _, v in per_view} == {"orig", "mirror"}
 
 
-def test_search_resumes_from_parts_and_image_folders_resolve(demo_stores) -> None:
+def test_search_resumes_from_parts_and_takes_only_stores(demo_stores) -> None:
     conf, work, refs, queries = demo_stores
     first = search.main(conf, queries, refs, work)
     parts = sorted((first.parent / "parts").iterdir())
     assert len(parts) == len(ShardStore(queries).shards)
     stamp = parts[0].stat().st_mtime_ns
-    again = search.main(conf, DATA / "queryimages", DATA / "referenceimages", work)
+    again = search.main(conf, queries, refs, work)
     assert again == first and parts[0].stat().st_mtime_ns == stamp  # reused, not redone
+    with pytest.raises(UserError, match="no store at"):  # an image folder is never a store
+        search.main(conf, DATA / "queryimages", refs, work)
+
+
+def test_changing_nprobe_reuses_the_populated_index(demo_stores) -> None:
+    """The populated index depends on the references and the trained index, not on search
+    settings: another nprobe searches the same file (it used to re-encode the references)."""
+    conf, work, refs, queries = demo_stores
+    search.main(conf, queries, refs, work)
+    folder = search.index_folder(conf, refs, work)
+    (index_file,) = folder.glob("index-*.faiss")
+    stamp = index_file.stat().st_mtime_ns
+    other = {**conf, "local_search": {**conf["local_search"], "nprobe": 4}}
+    candidates = search.main(other, queries, refs, work)
+    assert search.index_folder(other, refs, work) == folder
+    assert [p.name for p in folder.iterdir()] == [index_file.name]
+    assert index_file.stat().st_mtime_ns == stamp
+    assert candidates != search.main(conf, queries, refs, work)  # other results, other folder
 
 
 def test_reference_blocks_cover_every_descriptor(demo_stores) -> None:

@@ -1,0 +1,175 @@
+"""The pipeline: every stage in order, each given the paths the previous one returned.
+
+```
+references ─► local_fea.extract ─► store ─┬──────────────────────────────────────────┐
+queries ────► local_fea.extract ─► store ─┴► local_fea.search ─► candidates.csv ─────┤
+                                             match_score.verify ◄────────────────────┘
+                                               └─► pairs.csv (local) ────────────────────┐
+queries ────► preprocess.detect ─► boxes.csv + crops ─► the local stages on the crops   │
+                                               └─► pairs.csv (crop_local) ───────────────┤
+queries, references ─► global_fea.extract ─► descriptors.h5 ─► global_fea.search         │
+                                               └─► pairs.csv (global) ───────────────────┤
+                                   merge.fuse ◄──────────────────────────────────────────┘
+                                     └─► submission.csv (+ submission.features.csv)
+```
+
+A branch is declared once, in ``BRANCHES``: how it runs (its stages) and how the fusion
+reads its pairs and fills in its evidence for pairs it did not find. ``run`` runs the
+branches of ``merge.branches`` and the fusion, and records in ``<work>/pipeline.json`` what
+every stage returned and how long it took. Every stage skips what it has already done, so
+running again resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common import UserError, cli
+from common.images import ImageSet, list_images
+from common.io import write_json
+from global_fea import extract as global_extract
+from global_fea import search as global_search
+from local_fea import extract, search
+from match_score import verify
+from merge import fuse
+from merge.evidence import (
+    GLOBAL_MISSING,
+    LOGIT_FLOOR,
+    Evidence,
+    Pair,
+    fill_global,
+    fill_local,
+    read_global,
+    read_local,
+)
+from preprocess import detect
+
+RECORD = "pipeline.json"
+Outputs = dict[str, Path]  # what a branch's stages returned; "pairs" is its pairs file
+
+
+@dataclass
+class Record:
+    """What each stage of a run returned, and its wall time. A stage called again with the
+    same inputs (the reference features, for a second branch) returns what it returned."""
+
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    _done: dict[tuple, Path] = field(default_factory=dict)
+
+    def __call__(self, stage: str, label: str, main: Callable[..., Path], *args: Any) -> Path:
+        key = (main, *map(id, args))  # the same objects: the inputs of this run
+        if key not in self._done:
+            start = time.perf_counter()
+            self._done[key] = main(*args)
+            self.stages.append({"stage": stage, "label": label, "output": str(self._done[key]),
+                                "seconds": round(time.perf_counter() - start, 3)})
+        return self._done[key]
+
+
+def run_local(conf: dict[str, Any], queries: ImageSet, references: ImageSet, work: Path,
+              record: Record) -> Outputs:
+    """The local branch: RootSIFT of both sets, search, verification."""
+    refs = record("local_fea.extract", references.name, extract.main, conf, references, work)
+    qs = record("local_fea.extract", queries.name, extract.main, conf, queries, work, True)
+    candidates = record("local_fea.search", queries.name, search.main, conf, qs, refs, work)
+    pairs = record("match_score.verify", queries.name, verify.main, conf, qs, refs, candidates,
+                   work)
+    return {"pairs": pairs, "candidates": candidates, "query_store": qs, "reference_store": refs}
+
+
+def run_crop_local(conf: dict[str, Any], queries: ImageSet, references: ImageSet, work: Path,
+                   record: Record) -> Outputs:
+    """The crop-local branch: the overlay detector's crops through the local branch."""
+    boxes = record("preprocess.detect", queries.name, detect.main, conf, queries, work)
+    crops = detect.crop_set(boxes, "local")
+    return {**run_local(conf, crops, references, work, record), "boxes": boxes}
+
+
+def run_global(conf: dict[str, Any], queries: ImageSet, references: ImageSet, work: Path,
+               record: Record) -> Outputs:
+    """The global branch: descriptors of both sets in one h5, top-k search."""
+    h5 = record("global_fea.extract", queries.name, global_extract.main, conf, queries,
+                references, work)
+    pairs = record("global_fea.search", queries.name, global_search.main, conf, h5, work)
+    return {"pairs": pairs, "h5": h5}
+
+
+PROBABILITY, SIMILARITY = "probability", "similarity"
+
+
+@dataclass(frozen=True)
+class Branch:
+    """A branch: its stages, and its evidence as the fusion reads and fills it."""
+
+    name: str
+    run: Callable[[dict[str, Any], ImageSet, ImageSet, Path, Record], Outputs]
+    features: tuple[str, ...]  # fusion features of a pair, in this order
+    missing: tuple[float, ...]  # the features of a pair the branch has no evidence for
+    scale: str  # what its own scores are (merge.method=max compares only one scale)
+    read: Callable[[dict[str, Any], Path], Evidence]
+    fill: Callable[[dict[str, Any], Path, list[Pair], Path, str], Evidence] | None = None
+    fill_all: bool = False  # fill every candidate (cheap), not only the top-ranked ones
+
+
+BRANCHES = {branch.name: branch for branch in [
+    Branch("local", run_local, ("local_logit",), (LOGIT_FLOOR,), PROBABILITY, read_local,
+           fill_local),
+    Branch("global", run_global, ("global_sim", "global_norm"), GLOBAL_MISSING, SIMILARITY,
+           read_global, fill_global, fill_all=True),
+    Branch("crop_local", run_crop_local, ("crop_local_logit",), (LOGIT_FLOOR,), PROBABILITY,
+           read_local, fill_local),
+]}
+
+
+def selected(names: Sequence[str]) -> list[Branch]:
+    """The declared branches of ``names`` (``merge.branches``), in that order."""
+    unknown = [n for n in names if n not in BRANCHES]
+    if unknown:
+        raise UserError(f"merge.branches: unknown branch(es) {unknown} (known: "
+                        f"{sorted(BRANCHES)})")
+    return [BRANCHES[n] for n in names]
+
+
+def run_branches(conf: dict[str, Any], queries: ImageSet, references: ImageSet, work: Path,
+                 record: Record | None = None) -> dict[str, Outputs]:
+    """Run every branch of ``merge.branches``; return each one's outputs."""
+    record = record or Record()
+    return {branch.name: branch.run(conf, queries, references, work, record)
+            for branch in selected(conf["merge"]["branches"])}
+
+
+def run(conf: dict[str, Any], queries: str | Path, references: str | Path, work: str | Path,
+        out: str | Path | None = None) -> Path:
+    """Run the whole pipeline on two image folders; return the submission CSV."""
+    work = Path(work)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    query_set, reference_set = list_images(queries), list_images(references)
+    record = Record()
+    outputs = run_branches(conf, query_set, reference_set, work, record)
+    pair_files = {name: o["pairs"] for name, o in outputs.items()}
+    submission = record("merge.fuse", "", fuse.main, conf,
+                        selected(conf["merge"]["branches"]), pair_files, work, out)
+    write_json(work / RECORD, {
+        "queries": str(query_set.root.resolve()),
+        "references": str(reference_set.root.resolve()),
+        "config": conf, "stages": record.stages,
+        "branches": {name: {k: str(v) for k, v in o.items()} for name, o in outputs.items()},
+        "submission": str(submission), "features": str(fuse.features_path(submission)),
+        "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })
+    return submission
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    cli.add_set_args(parser)
+    parser.add_argument("--out", type=Path, help="submission CSV (default: under --work)")
+
+
+COMMAND = cli.Command("run", "Run every stage: two image folders in, the submission CSV out.",
+                      add_arguments,
+                      lambda conf, a: run(conf, a.queries, a.references, a.work, a.out))

@@ -1,0 +1,5 @@
+"""``python -m pipeline <command>``: the same as ``copydet <command>``."""
+
+from pipeline.commands import main
+
+main()
