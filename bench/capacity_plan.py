@@ -4,9 +4,10 @@
 
 Reads ``<work>/bench/scale/results.json`` (the measurements of ``bench.bench_scale``: per-core
 costs of extraction, index building, search and verification, bytes per image) and writes
-``docs/capacity.md`` with every figure's arithmetic. GPU search time is the one figure not
-measured here (no GPU on the benchmark machine): it is computed from the work in FLOP and an
-assumed sustained throughput, stated in the table.
+``docs/capacity.md`` with every figure's arithmetic. GPU figures are not
+measured here (no GPU on the benchmark machine): GPU search time is computed from the work in
+FLOP and an assumed sustained throughput, or from the memory traffic per distance of the torch
+path and a GPU's bandwidth, both stated in the table (``make gpu-check`` measures them).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ class Node:
     gpus: int = 0  # per node
 
 
+GPU_BANDWIDTH = 3.35e12  # bytes/s of one H100 SXM's memory
+TORCH_BYTES = 16  # GPU memory traffic per distance of common.torch_knn (estimate)
 GPU_NODE = Node("one 8-GPU node (8x H100 80 GB, 2x 56 cores, 2 TB RAM)", 1, 112, 2048, 8)
 CPU_CLUSTER = Node("a CPU Dask cluster (16 nodes x 32 cores, 128 GB RAM each)", 16, 32, 128)
 
@@ -75,6 +78,8 @@ def plan(data: dict, gpu_tflops: float, efficiency: float) -> str:
     ver_core = pairs * t_v
     exact_cpu_core = n_q * n_r * unit_exact
     gpu_s = flop / (gpu_tflops * 1e12 * GPU_NODE.gpus)
+    torch_rate = GPU_BANDWIDTH / TORCH_BYTES  # distances/s per GPU, bandwidth-bound
+    torch_s = n_q * n_r / (torch_rate * GPU_NODE.gpus)
     index_gb = n_r * bytes_desc / 1e9
     fp16_gb = n_r * 128 * 2 / 1e9
     store_gb = (REFS * st["reference_bytes_per_image"]
@@ -88,6 +93,7 @@ def plan(data: dict, gpu_tflops: float, efficiency: float) -> str:
 
     total_gpu_ivf = wall_s(ext_core + add_core + ivf_core + ver_core, GPU_NODE)
     total_gpu_exact = wall_s(ext_core + ver_core, GPU_NODE) + gpu_s
+    total_torch_exact = wall_s(ext_core + ver_core, GPU_NODE) + torch_s
     total_cluster = (wall_s(ext_core + ivf_core + ver_core, CPU_CLUSTER)
                      + wall_s(add_core, CPU_CLUSTER, 1))
 
@@ -98,6 +104,14 @@ def plan(data: dict, gpu_tflops: float, efficiency: float) -> str:
         "this project's benchmark machine (AMD EPYC, AVX-512, one core per measurement, "
         "shared, so read them as ±30 %), multiplied out below. Wall times divide core time "
         f"by the cores available at {efficiency:.0%} parallel efficiency.", "",
+        "**Measured and estimated.** Every per-core CPU cost below is measured "
+        "(`bench.bench_scale`, table \"Measured unit costs\"); every GPU figure is an "
+        "estimate. No GPU was available in the session that added the torch GPU paths (issue "
+        "11: exact float16 search on every GPU through torch, torch stages on every GPU of a "
+        "node), so `make gpu-check` (`python -m bench.gpu_check`, which measures query "
+        "descriptors/s searched, images/s described and detected, and peak GPU memory, after "
+        "checking the GPU results against the CPU) has not run on a GPU yet. The estimated "
+        "rows say so; replace them with its figures once it has run.", "",
         "## Workload", "",
         "| quantity | arithmetic | value |", "|---|---|---|",
         f"| reference descriptors | {REFS:,} refs × {d_r:.0f} desc (measured mean; the "
@@ -134,10 +148,15 @@ def plan(data: dict, gpu_tflops: float, efficiency: float) -> str:
         f"| search, IVF4096,PQ64x4fs (CPU) | {n_q / 1e6:,.1f} M × ({a * 1e3:.3f} + "
         f"{b * 1e9:.4f} × {n_r / 1e6:,.0f}) ms | {hours(ivf_core)} | "
         f"{wall(ivf_core, GPU_NODE)} | {wall(ivf_core, CPU_CLUSTER)} |",
-        f"| search, exact float16 on GPUs | {n_q / 1e6:,.1f} M × {n_r / 1e6:,.0f} M × 256 "
-        f"= {flop / 1e18:.1f} EFLOP at an assumed {gpu_tflops:.0f} TFLOPS sustained per GPU "
-        "(not measured here) | - | "
+        f"| search, exact float16 on GPUs (**estimate**) | {n_q / 1e6:,.1f} M × "
+        f"{n_r / 1e6:,.0f} M × 256 = {flop / 1e18:.1f} EFLOP at an assumed {gpu_tflops:.0f} "
+        "TFLOPS sustained per GPU (faiss-gpu's fused k-selection; not measured) | - | "
         f"{hours(gpu_s)} | - |",
+        f"| search, exact float16 on GPUs through torch (**estimate**) | {n_q / 1e6:,.1f} M × "
+        f"{n_r / 1e6:,.0f} M = {n_q * n_r:.1e} distances; each costs ≈ {TORCH_BYTES} bytes "
+        "of GPU memory traffic (float32 product written, one L2 pass, top-k read), so ≈ "
+        f"{torch_rate:.1e} distances/s per GPU at {GPU_BANDWIDTH / 1e12:.2f} TB/s, not "
+        f"measured | - | {hours(torch_s)} | - |",
         f"| search, exact on CPU (for scale) | {n_q / 1e6:,.1f} M × {n_r / 1e6:,.0f} M × "
         f"{unit_exact * 1e12:.0f} ps | {hours(exact_cpu_core)} | "
         f"{wall(exact_cpu_core, GPU_NODE)} | {wall(exact_cpu_core, CPU_CLUSTER)} |",
@@ -145,7 +164,9 @@ def plan(data: dict, gpu_tflops: float, efficiency: float) -> str:
         f"{wall(ver_core, GPU_NODE)} | {wall(ver_core, CPU_CLUSTER)} |",
         f"| **total, IVF search** | | {hours(ext_core + add_core + ivf_core + ver_core)} | "
         f"{hours(total_gpu_ivf)} | {hours(total_cluster)} |",
-        f"| **total, exact search on the 8 GPUs** | | - | {hours(total_gpu_exact)} | - |",
+        f"| **total, exact search on the 8 GPUs** (**estimate**: faiss-gpu at "
+        f"{gpu_tflops:.0f} TFLOPS; {hours(total_torch_exact)} through torch at the "
+        f"bandwidth bound) | | - | {hours(total_gpu_exact)} | - |",
         "", "## Memory and storage", "",
         "| item | arithmetic | size |", "|---|---|---|",
         f"| feature stores (uint8 descriptors, keypoints, thumbnails) | {REFS:,} × "
@@ -153,9 +174,11 @@ def plan(data: dict, gpu_tflops: float, efficiency: float) -> str:
         f"{st['query_bytes_per_image'] / 1e3:.0f} kB | {store_gb:,.0f} GB |",
         f"| IVF4096,PQ64x4fs index (file, and RAM of each process that searches) | "
         f"{n_r / 1e6:,.0f} M × {bytes_desc:.1f} B | {index_gb:,.1f} GB |",
-        f"| exact search on GPUs: references resident in float16 | {n_r / 1e6:,.0f} M × "
-        f"256 B = {fp16_gb:,.0f} GB over {GPU_NODE.gpus} GPUs | {fp16_gb / GPU_NODE.gpus:,.1f}"
-        f" GB per GPU (+ {n_r * 8 / 1e9:,.1f} GB of ids in host RAM) |",
+        f"| exact search on GPUs: references resident in float16 (arithmetic, not measured) "
+        f"| {n_r / 1e6:,.0f} M × 256 B = {fp16_gb:,.0f} GB over {GPU_NODE.gpus} GPUs | "
+        f"{fp16_gb / GPU_NODE.gpus:,.1f} GB per GPU (faiss-gpu: + {n_r * 8 / 1e9:,.1f} GB of "
+        f"ids in host RAM; torch: + {n_r * 12 / 1e9 / GPU_NODE.gpus:,.1f} GB of norms and ids "
+        "per GPU, + ≈ 1-2 GB of distance tiles) |",
         "| exact search on CPU | one block (`local_search.block_mb`) per concurrent task | "
         "1 GB per task by default |",
         "",
@@ -165,13 +188,18 @@ def plan(data: dict, gpu_tflops: float, efficiency: float) -> str:
 
 NOTES = """## How to run it
 
-**One 8-GPU node.** Install faiss-gpu in place of faiss-cpu (same API). Extraction and
-verification use the node's CPU cores through local processes (`run.n_jobs: -1`); the search
-stage sees the GPUs and runs exact float16 search on all of them. Keep the references
-resident: `-o local_search.gpu_block_mb=24000` (the {fp16_per_gpu} GB per GPU fit in 80 GB with
-room for query batches), so they are read and uploaded once and every query shard is searched
-from GPU memory. Global-descriptor extraction, when used, takes one worker per GPU
-(`common.devices`).
+**One 8-GPU node.** With a CUDA build of torch (the default PyPI wheel) the search stage
+sees the GPUs and runs exact float16 search on all of them (`local_search.gpu: auto`; the
+log names the backend, e.g. `torch cuda x8 fp16`); faiss-gpu, where it can be installed in
+place of faiss-cpu (same API), is used first. Extraction and verification use the node's CPU
+cores through local processes (`run.n_jobs: -1`). Keep the references resident: `-o
+local_search.gpu_block_mb=24000` (the {fp16_per_gpu} GB per GPU fit in 80 GB with room for query
+batches), so they are read and uploaded once and every query shard is searched from GPU
+memory. Global descriptors and detection run one model replica on every GPU of the node in
+one run (`common.devices.torch_devices`). Run `make gpu-check` on the node first: it checks
+the GPU results against the CPU and measures the rates this plan only estimates. At the
+bandwidth-bound estimate above, exact search through torch takes hours at this scale, the
+compressed CPU index minutes: measure before choosing.
 
 **A CPU Dask cluster.** `dask scheduler` on one node, `dask worker tcp://head:8786
 --nworkers 1 --nthreads 32` on each node (same environment, repository on `PYTHONPATH`, the

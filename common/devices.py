@@ -1,30 +1,37 @@
-"""Which accelerator a worker uses: one worker per visible GPU, the CPU when there is none.
+"""Which accelerators a stage uses: every GPU of the node, or the CPU when there is none.
 
-A GPU stage starts ``gpu_n_jobs(...)`` workers (one per visible GPU) and each worker process
-calls ``worker_device()`` once: it claims a distinct GPU for its lifetime by taking an
-exclusive lock on that GPU's lock file, so two workers of one node never share a GPU while
-another idles. Workers beyond the number of GPUs (or GPUs locked by another run) share them
-round-robin. On a Dask cluster started with one worker per GPU (``dask-cuda``'s
-``LocalCUDACluster``, or ``CUDA_VISIBLE_DEVICES`` set per worker) each worker sees one GPU
-and takes it. Without GPUs everything answers "cpu" and the CPU path runs unchanged.
+The torch stages (global descriptors, detection) run one model replica per device returned by
+``torch_devices`` and spread their batches over them, so one run uses every GPU it sees;
+``CUDA_VISIBLE_DEVICES`` decides which GPUs those are (a Dask-CUDA worker, or a run started
+with ``CUDA_VISIBLE_DEVICES=2,3``, sees only its own). ``torch_device`` is the single-device
+form (training). Exact k-NN picks its backend in ``common.knn`` from ``faiss_gpus`` and
+``cuda_devices``. Without GPUs everything answers "cpu" and the CPU path runs unchanged.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import os
-import tempfile
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from common import UserError
-from common.parallel import resolve_n_jobs
 
-_HELD: dict[tuple[str, int], tuple[int, int]] = {}  # (lock dir, n) -> (slot, open lock fd)
+DeviceSetting = str | int | Sequence[str | int]
+
+
+def _may_have_cuda() -> bool:
+    """False when no NVIDIA device node exists and torch is not imported yet: then torch
+    (seconds to import, hundreds of MB) is not imported just to learn that there is no GPU."""
+    if "torch" in sys.modules:
+        return True
+    dev = Path("/dev")
+    return any(dev.glob("nvidia[0-9]*")) or (dev / "dxg").exists()  # dxg: CUDA on WSL2
 
 
 def torch_gpus() -> int:
     """CUDA devices torch sees (``CUDA_VISIBLE_DEVICES`` applies); 0 without torch or CUDA."""
+    if not _may_have_cuda():
+        return 0
     try:
         import torch
     except ImportError:
@@ -33,86 +40,64 @@ def torch_gpus() -> int:
 
 
 def faiss_gpus() -> int:
-    """GPUs faiss sees (always 0 with faiss-cpu)."""
-    import faiss
-
+    """GPUs faiss sees (always 0 with faiss-cpu, or without faiss)."""
+    try:
+        import faiss
+    except ImportError:
+        return 0
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
-def gpu_n_jobs(n_jobs: int | None, n_gpus: int) -> int:
-    """Workers for a stage that can use GPUs: one per GPU, else the CPU worker count."""
-    return n_gpus if n_gpus > 0 else resolve_n_jobs(n_jobs)
+def cuda_devices() -> list[str]:
+    """Every CUDA device torch sees, as torch device names (``cuda:0`` … ``cuda:<n-1>``: the
+    GPUs ``CUDA_VISIBLE_DEVICES`` lets this process see, renumbered by CUDA)."""
+    return [f"cuda:{i}" for i in range(torch_gpus())]
 
 
-def _physical_ids(n: int) -> list[str]:
-    """Node-wide names of the ``n`` visible GPUs (their ``CUDA_VISIBLE_DEVICES`` entries)."""
-    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
-    visible = [v for v in visible if v]
-    return visible[:n] if len(visible) >= n else [str(i) for i in range(n)]
-
-
-def default_lock_dir() -> Path:
-    return Path(tempfile.gettempdir()) / f"copydet-gpu-locks-{os.getuid()}"
-
-
-def claim_slot(n: int, lock_dir: str | Path | None = None,
-               names: list[str] | None = None) -> int:
-    """A slot in ``range(n)`` held by this process for its lifetime (same answer every call).
-
-    Takes the first slot whose lock file (``lock_dir/slot-<name>.lock``) no other process
-    holds; when all are held, shares one round-robin by process id.
-    """
-    if n < 1:
-        raise ValueError("no slot to claim")
-    lock_dir = Path(lock_dir or default_lock_dir())
-    key = (str(lock_dir), n)
-    if key in _HELD:
-        return _HELD[key][0]
-    names = names or [str(i) for i in range(n)]
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    for slot, name in enumerate(names):
-        fd = os.open(lock_dir / f"slot-{name}.lock", os.O_CREAT | os.O_RDWR, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            continue
-        _HELD[key] = (slot, fd)  # the lock lasts as long as the process
-        return slot
-    slot = os.getpid() % n
-    _HELD[key] = (slot, -1)
-    return slot
-
-
-def release_slots() -> None:
-    """Give back the slots this process holds (they are also released when it exits)."""
-    for _, fd in _HELD.values():
-        if fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-    _HELD.clear()
-
-
-def worker_device(gpu: bool | str = "auto") -> str:
-    """The torch device of this worker: ``cuda:<claimed GPU>``, or ``cpu`` without GPUs.
-
-    ``gpu``: ``"auto"`` uses a GPU when torch sees one, ``False`` never, ``True`` requires one.
-    """
-    n = torch_gpus() if gpu else 0
-    if gpu is True and n == 0:
-        raise UserError("a GPU was required (gpu: true) but torch sees no CUDA device")
-    if n == 0:
-        return "cpu"
-    return f"cuda:{claim_slot(n, names=_physical_ids(n))}"
-
-
-def torch_device(name: str | int, key: str) -> str:
-    """A stage's ``device`` setting (``key`` names it in errors) as a torch device: ``auto``
-    claims a GPU of this node for this process (``worker_device``), else the CPU; an explicit
-    ``cuda``/``cuda:N``/``N`` must exist."""
-    if name == "auto":
-        return worker_device("auto")
-    name = f"cuda:{name}" if str(name).isdigit() else str(name)
-    if name.startswith("cuda") and torch_gpus() == 0:
+def _one_device(name: str | int, key: str, visible: list[str]) -> str:
+    name = str(name).strip()
+    if name.isdigit():
+        name = f"cuda:{name}"
+    if name == "cpu":
+        return name
+    if name == "cuda":
+        name = "cuda:0"
+    if not name.startswith("cuda:") or not name[5:].isdigit():
+        raise UserError(f"{key}={name!r}: expected auto, cpu, cuda, cuda:N or a list of them")
+    if not visible:
         raise UserError(f"{key}={name} but torch sees no GPU")
+    if name not in visible:
+        raise UserError(f"{key}={name} but torch sees only {len(visible)} GPU(s): "
+                        f"{', '.join(visible)}")
     return name
+
+
+def torch_devices(setting: DeviceSetting, key: str) -> list[str]:
+    """The torch devices a stage's ``device`` setting names (``key`` names it in errors).
+
+    ``auto``: every CUDA device torch sees, else ``["cpu"]``; ``cuda``: every CUDA device (at
+    least one required); ``cpu``; ``cuda:N`` or ``N``: that one; a list (or a comma-separated
+    string) of these: those, in order (a device named twice gets two workers).
+    """
+    if isinstance(setting, str) and "," in setting:
+        setting = [s for s in setting.split(",") if s.strip()]
+    if not isinstance(setting, str | int):
+        names = [d for s in setting for d in torch_devices(s, key)]
+        if not names:
+            raise UserError(f"{key} names no device")
+        return names
+    name = str(setting).strip()
+    if name == "auto":
+        return cuda_devices() or ["cpu"]
+    if name == "cuda":
+        visible = cuda_devices()
+        if not visible:
+            raise UserError(f"{key}=cuda but torch sees no GPU")
+        return visible
+    return [_one_device(name, key, cuda_devices() if name != "cpu" else [])]
+
+
+def torch_device(name: DeviceSetting, key: str) -> str:
+    """One torch device for a single-device user (``key`` names the setting in errors):
+    ``auto`` is the first GPU torch sees, else the CPU; ``cuda``/``cuda:N``/``N`` must exist."""
+    return torch_devices(name, key)[0]

@@ -1,39 +1,167 @@
-"""Exact k-NN with Faiss, streamed over blocks of the database into result heaps.
+"""Exact k-NN, streamed over blocks of the database into result heaps, on CPU or GPUs.
 
-Memory is set by the block size, not by the size of the database: each block goes into a
-``FlatIndex`` (on CPU one flat index; with GPUs float16 cells spread over all of them) and
-its hits are merged into ``faiss.ResultHeap``s, query batch by query batch. Both branches use
-it: local descriptors with squared L2 distances, global descriptors with inner products
-(cosine similarity of L2-normalised vectors).
+Memory is set by the block size, not by the size of the database: each block goes into a flat
+index and its hits are merged into ``faiss.ResultHeap``s, query batch by query batch. Both
+branches use it: local descriptors with squared L2 distances, global descriptors with inner
+products (cosine similarity of L2-normalised vectors).
+
+Where it runs is a ``Backend``, chosen from a section's ``gpu`` setting by ``select_backend``:
+
+- ``faiss-cpu``: one ``faiss.IndexFlat`` per block (the default without GPUs);
+- ``faiss-gpu``: float16 ``GpuIndexFlat`` cells spread over every GPU faiss sees (first
+  choice when faiss-gpu is installed and sees GPUs);
+- ``torch``: ``common.torch_knn.TorchFlatIndex`` on every CUDA device torch sees, float16
+  (the GPU path where faiss-gpu is not installed; also runs on "cpu" devices, for tests).
+
+``gpu: auto`` takes the first of faiss-gpu, torch CUDA, faiss-cpu that is usable; ``true``
+requires a GPU backend (a one-line ``UserError`` otherwise); ``false`` is always faiss-cpu.
+Every backend returns the same neighbours (the GPU ones up to float16 rounding of the
+vectors), missing neighbours (id -1) and ties included (for exact duplicates straddling the
+k-th inner product, see ``common.torch_knn``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+import threading
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
 
 from common import UserError
-from common.devices import faiss_gpus
+from common.devices import cuda_devices, faiss_gpus
+
+if TYPE_CHECKING:
+    from common.torch_knn import TorchFlatIndex
+
+log = logging.getLogger(__name__)
 
 L2, IP = "l2", "ip"
 QUERY_BATCH = 65536  # query vectors per search call: bounds faiss' result buffers
 GPU_CELL_ROWS = 1 << 22  # vectors per GPU flat index (1 GiB of 128-d float16): adds stay cheap
+FAISS_CPU, FAISS_GPU, TORCH = "faiss-cpu", "faiss-gpu", "torch"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where exact search runs: ``kind`` (faiss-cpu, faiss-gpu or torch), the devices (faiss
+    GPU numbers, or torch device names) and, for torch, the storage dtype on CUDA and on CPU
+    (float32; float16 only to mimic a GPU's rounding in tests)."""
+
+    kind: str = FAISS_CPU
+    devices: tuple[str, ...] = ()
+    dtype: str = "float16"
+    cpu_dtype: str = "float32"
+
+    @property
+    def gpu(self) -> bool:
+        """Whether it runs on GPUs."""
+        return self.n_gpus > 0
+
+    @property
+    def n_gpus(self) -> int:
+        if self.kind == FAISS_GPU:
+            return len(self.devices)
+        return sum(d.startswith("cuda") for d in self.devices) if self.kind == TORCH else 0
+
+    @property
+    def label(self) -> str:
+        """What the log says: ``faiss-cpu``, ``faiss-gpu x8``, ``torch cuda x8 fp16``."""
+        if self.kind == FAISS_CPU:
+            return FAISS_CPU
+        if self.kind == FAISS_GPU:
+            return f"{FAISS_GPU} x{len(self.devices)}"
+        from common.torch_knn import SHORT, storage_dtype
+
+        kind = "cuda" if self.gpu else "cpu"
+        dtype = storage_dtype(self.devices[0], self.dtype, self.cpu_dtype)
+        return f"torch {kind} x{len(self.devices)} {SHORT[dtype]}"
+
+    def bytes_per_vector(self, dim: int) -> int:
+        """Device memory per stored vector (float16 and, for torch, its norm and id)."""
+        if self.kind == FAISS_GPU:
+            return 2 * dim
+        if self.kind == TORCH:
+            from common.torch_knn import storage_dtype
+
+            item = storage_dtype(self.devices[0], self.dtype, self.cpu_dtype).itemsize
+            return item * dim + 4 + 8
+        return 4 * dim
+
+    def index(self, dim: int, metric: str = L2) -> FlatIndex | TorchFlatIndex:
+        """An empty flat index of this backend (``FlatIndex`` or ``TorchFlatIndex``)."""
+        if self.kind == TORCH:
+            from common.torch_knn import TorchFlatIndex
+
+            return TorchFlatIndex(dim, self.devices, metric, self.dtype,
+                                  cpu_dtype=self.cpu_dtype)
+        return FlatIndex(dim, self.kind == FAISS_GPU, metric)
+
+
+CPU = Backend()
+
+
+def torch_backend(devices: Sequence[str], dtype: str = "float16",
+                  cpu_dtype: str = "float32") -> Backend:
+    """The torch backend on ``devices`` (e.g. every ``cuda:N``; ``["cpu", "cpu"]`` in tests)."""
+    return Backend(TORCH, tuple(devices), dtype, cpu_dtype)
+
+
+def auto_backend() -> Backend:
+    """faiss-gpu on every GPU it sees, else torch on every CUDA device, else faiss-cpu."""
+    n = faiss_gpus()
+    if n:
+        return Backend(FAISS_GPU, tuple(str(i) for i in range(n)))
+    devices = cuda_devices()
+    return torch_backend(devices) if devices else CPU
+
+
+def backend_of(gpu: bool | Backend) -> Backend:
+    """A backend from what callers pass: a ``Backend``, or ``True`` (the best GPU backend
+    there is, faiss-cpu without GPUs) / ``False`` (faiss-cpu)."""
+    if isinstance(gpu, Backend):
+        return gpu
+    return auto_backend() if gpu else CPU
+
+
+_ANNOUNCED: set[tuple[str, str]] = set()
+_ANNOUNCE_LOCK = threading.Lock()
+
+
+def announce(what: str, backend: Backend) -> None:
+    """Log which backend runs ``what`` (info the first time in a process, debug after)."""
+    with _ANNOUNCE_LOCK:
+        first = (what, backend.label) not in _ANNOUNCED
+        _ANNOUNCED.add((what, backend.label))
+    log.log(logging.INFO if first else logging.DEBUG, "%s: exact search on %s", what,
+            backend.label)
+
+
+def select_backend(section: dict[str, Any], name: str) -> Backend:
+    """The backend a section's ``gpu`` setting asks for (``name`` names the section)."""
+    setting = section["gpu"]
+    if not (setting == "auto" or isinstance(setting, bool)):
+        raise UserError(f"{name}.gpu must be auto, true or false, not {setting!r}")
+    backend = auto_backend() if setting else CPU
+    if setting is True and not backend.gpu:
+        raise UserError(f"{name}.gpu is true but no GPU is usable: faiss sees no GPU (faiss-gpu "
+                        "not installed?) and torch sees no CUDA device")
+    announce(name, backend)
+    return backend
 
 
 def use_gpu(section: dict[str, Any], name: str) -> bool:
-    """``gpu: auto`` uses GPUs whenever faiss sees one; ``true`` requires one."""
-    n = faiss_gpus()
-    if section["gpu"] is True and n == 0:
-        raise UserError(f"{name}.gpu is true but faiss sees no GPU (faiss-gpu installed?)")
-    return bool(section["gpu"]) and n > 0
+    """``gpu: auto`` uses GPUs whenever faiss-gpu or torch sees one; ``true`` requires one."""
+    return select_backend(section, name).gpu
 
 
 class FlatIndex:
-    """Exact L2 k-NN over descriptors added block by block, with their int64 ids.
+    """Exact k-NN with Faiss (squared L2 or inner product) over descriptors added block by
+    block, with their int64 ids.
 
     On CPU one ``IndexFlatL2``. With ``gpu``, float16 ``GpuIndexFlatL2`` cells of at most
     ``GPU_CELL_ROWS`` descriptors spread evenly over every visible GPU (faiss' multi-GPU
@@ -128,7 +256,7 @@ class QueryHeaps:
         self.heaps = [faiss.ResultHeap(stop - start, k, keep_max=metric == IP)
                       for start, stop in self.batches]
 
-    def add(self, index: FlatIndex) -> None:
+    def add(self, index: FlatIndex | TorchFlatIndex) -> None:
         """Merge the k-NN of every query batch in ``index`` (one reference block)."""
         if index.ntotal == 0:
             return
@@ -145,17 +273,20 @@ class QueryHeaps:
 
 
 def exact_search(
-    queries: np.ndarray, blocks: Iterable[tuple[np.ndarray, np.ndarray]], k: int, gpu: bool,
-    metric: str = L2, query_batch: int = QUERY_BATCH,
+    queries: np.ndarray, blocks: Iterable[tuple[np.ndarray, np.ndarray]], k: int,
+    gpu: bool | Backend, metric: str = L2, query_batch: int = QUERY_BATCH,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact k-NN of ``queries`` over ``(vectors, ids)`` blocks, merged in result heaps.
+    """Exact k-NN of ``queries`` over ``(vectors, ids)`` blocks, merged in result heaps, on
+    ``gpu`` (a ``Backend``, or a bool: ``backend_of``).
 
     Returns ``(distances, ids)``: squared L2 distances ascending, or inner products
     descending for ``metric="ip"``; missing neighbours have id -1.
     """
+    backend = backend_of(gpu)
+    announce(f"exact {metric} search", backend)
     queries = np.ascontiguousarray(queries, np.float32)
     heaps = QueryHeaps(queries, k, query_batch, metric)
-    index = FlatIndex(queries.shape[1], gpu, metric)
+    index = backend.index(queries.shape[1], metric)
     for vectors, ids in blocks:
         index.add(vectors, ids)
         heaps.add(index.finish())

@@ -7,10 +7,10 @@ references: ISC rule), shipped under ``local_fea/assets``; ``ReferenceIndex`` ke
 populated index of a reference store on disk and extends it incrementally with new shards;
 removed references are left out at search time (``IndexSearch``). Exact search
 (``"Flat"``, and always when GPUs are visible) loads reference blocks of bounded size into
-flat indexes (float16 on every GPU) and merges each block's k-NN into a
-``faiss.ResultHeap``, query batch by query batch, so memory is set by the block and batch
-sizes, not by the number of references; a reference set that fits in one block is loaded
-once and kept.
+flat indexes (``common.knn``: float16 on every GPU, through faiss-gpu or torch) and merges
+each block's k-NN into a ``faiss.ResultHeap``, query batch by query batch, so memory is set
+by the block and batch sizes, not by the number of references; a reference set that fits in
+one block is loaded once and kept.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import numpy as np
 from tqdm import tqdm
 
 from common import UserError, knn
-from common.devices import faiss_gpus
 from common.io import atomic_path
 from common.shards import ShardStore
 
@@ -50,7 +49,8 @@ def decode_images(ids: np.ndarray) -> np.ndarray:
 
 
 def use_gpu(conf: dict[str, Any]) -> bool:
-    """``local_search.gpu``: ``auto`` uses GPUs whenever faiss sees one; ``true`` requires one."""
+    """``local_search.gpu``: ``auto`` uses GPUs whenever faiss-gpu or torch sees one; ``true``
+    requires one (``common.knn.select_backend``)."""
     return knn.use_gpu(conf, "local_search")
 
 
@@ -87,38 +87,44 @@ def reference_blocks(
 
 
 def exact_search(
-    queries: np.ndarray, blocks: Iterable[tuple[np.ndarray, np.ndarray]], k: int, gpu: bool,
-    query_batch: int = knn.QUERY_BATCH,
+    queries: np.ndarray, blocks: Iterable[tuple[np.ndarray, np.ndarray]], k: int,
+    gpu: bool | knn.Backend, query_batch: int = knn.QUERY_BATCH,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact k-NN (squared L2) of ``queries`` over reference blocks (``common.knn``)."""
     return knn.exact_search(queries, blocks, k, gpu, knn.L2, query_batch)
 
 
-def block_rows(conf: dict[str, Any], gpu: bool) -> int:
+def block_rows(conf: dict[str, Any], gpu: bool | knn.Backend) -> int:
     """Reference descriptors one exact-search block holds: ``block_mb`` of host memory as
-    float32, or ``gpu_block_mb`` per GPU as float16."""
-    if gpu:
-        return conf["gpu_block_mb"] * 2**20 // (2 * DIM) * faiss_gpus()
+    float32, or ``gpu_block_mb`` per GPU as float16 (``gpu``: a backend, or a bool as in
+    ``knn.backend_of``)."""
+    backend = knn.backend_of(gpu)
+    if backend.gpu:
+        return conf["gpu_block_mb"] * 2**20 // backend.bytes_per_vector(DIM) * backend.n_gpus
     return conf["block_mb"] * 2**20 // (4 * DIM)
 
 
 class ExactSearch:
     """Exact k-NN over a reference store: its shards are gathered into blocks of at most
-    ``max_rows`` descriptors, each loaded into a ``knn.FlatIndex`` and searched by every query
-    batch. When the whole store fits in one block, that block is kept for later calls
-    (resident: on GPUs this is how a whole reference set is searched from GPU memory)."""
+    ``max_rows`` descriptors, each loaded into a flat index of the backend (``gpu``: a
+    ``knn.Backend``, or a bool as in ``knn.backend_of``) and searched by every query batch.
+    When the whole store fits in one block, that block is kept for later calls (resident: on
+    GPUs this is how a whole reference set is searched from GPU memory)."""
 
-    def __init__(self, store: ShardStore, k: int, gpu: bool, max_rows: int,
+    def __init__(self, store: ShardStore, k: int, gpu: bool | knn.Backend, max_rows: int,
                  query_batch: int = knn.QUERY_BATCH):
-        self.store, self.k, self.gpu = store, k, gpu
+        self.store, self.k = store, k
+        self.backend = knn.backend_of(gpu)
+        self.gpu = self.backend.gpu
         self.max_rows, self.query_batch = max(1, max_rows), query_batch
-        self._resident: knn.FlatIndex | None = None
+        knn.announce("local_search", self.backend)
+        self._resident: Any = None  # the backend's flat index holding the whole store
         self._streams = False
         self._lock = threading.Lock()
 
     def _blocks(self) -> Iterator[tuple[knn.FlatIndex, bool]]:
         """(filled index, whether it holds the whole store), block after block."""
-        index, whole = knn.FlatIndex(DIM, self.gpu), True
+        index, whole = self.backend.index(DIM), True
         for k in range(len(self.store.shards)):
             desc, ids = shard_descriptors(self.store, k)
             if index.ntotal and index.ntotal + len(desc) > self.max_rows:
