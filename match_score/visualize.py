@@ -1,16 +1,18 @@
 """Draw the verified matches of one (query, reference) pair, to look at a result.
 
-    python -m match_score.visualize --query Q00003 --reference R000013 \\
-        --queries data/queryimages --references data/referenceimages --out match.png
+    copydet visualize --query Q00003 --reference R000013 \\
+        --queries <query feature store> --references <reference feature store> --out match.png
 
 Both images side by side (the query mirrored when its mirror view matched better), inliers of
 the first homography in green, of the second in cyan, rejected matches in faint red, and the
-pair's verification figures and calibrated score in the caption.
+pair's verification figures and calibrated score in the caption; the overlap that the first
+homography maps is outlined in orange on both images.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,6 @@ from common import UserError, cli
 from common.config import REPO_ROOT
 from common.images import read_image
 from common.io import atomic_path
-from local_fea.extract import store_for
 from local_fea.features import LocalFeatures
 from match_score.geometry import FIELDS, Verification
 from match_score.score import ScoreModel
@@ -29,6 +30,7 @@ from match_score.verify import verify_view
 
 HEIGHT = 420
 COLOURS = {0: (90, 90, 230), 1: (60, 200, 60), 2: (230, 200, 40)}  # BGR per plane
+OVERLAP = (0, 140, 255)  # BGR: outline of the overlap of the first homography
 
 
 def verify_views(conf: dict[str, Any], qf: LocalFeatures, rf: LocalFeatures, query_id: str,
@@ -46,11 +48,39 @@ def _panel(path: Path, mirror: bool) -> tuple[np.ndarray, float]:
     return np.ascontiguousarray(img), scale
 
 
+def project_border(homography: np.ndarray, width: float, height: float) -> np.ndarray | None:
+    """The border of a ``width`` x ``height`` image (pixel-centre coordinates) mapped by
+    ``homography``: 4 x 2 corners, or None where the mapping folds it through infinity."""
+    corners = np.array([[-0.5, -0.5], [width - 0.5, -0.5], [width - 0.5, height - 0.5],
+                        [-0.5, height - 0.5]])
+    mapped = np.c_[corners, np.ones(4)] @ np.asarray(homography, np.float64).T
+    if not np.all(mapped[:, 2] > 1e-9):
+        return None
+    xy = mapped[:, :2] / mapped[:, 2:]
+    return xy if np.all(np.isfinite(xy)) and np.abs(xy).max() < 1e6 else None
+
+
+def _outline(panel: np.ndarray, corners: np.ndarray | None, scale: float) -> None:
+    """Draw a projected border (full-resolution pixel-centre coordinates) onto a panel."""
+    if corners is None:
+        return
+    pts = np.clip(np.round((corners + 0.5) * scale), -30000, 30000).astype(np.int32)
+    cv2.polylines(panel, [pts.reshape(-1, 1, 2)], True, OVERLAP, 2, cv2.LINE_AA)
+
+
 def draw(query_path: Path, ref_path: Path, result: Verification, mirror: bool,
-         caption: str) -> np.ndarray:
-    """Side-by-side picture of a verified pair."""
+         caption: str, outline: bool = True) -> np.ndarray:
+    """Side-by-side picture of a verified pair; with ``outline``, the overlap of the first
+    homography is outlined in orange on both images (each image's border mapped onto the
+    other)."""
     left, sq = _panel(query_path, mirror)
     right, sr = _panel(ref_path, False)
+    if outline and result.homography is not None:
+        q_size = left.shape[1] / sq, left.shape[0] / sq
+        r_size = right.shape[1] / sr, right.shape[0] / sr
+        _outline(right, project_border(result.homography, *q_size), sr)
+        with contextlib.suppress(np.linalg.LinAlgError):
+            _outline(left, project_border(np.linalg.inv(result.homography), *r_size), sq)
     canvas = np.full((HEIGHT + 60, left.shape[1] + right.shape[1] + 10, 3), 255, np.uint8)
     canvas[:HEIGHT, :left.shape[1]] = left
     offset = left.shape[1] + 10
@@ -69,11 +99,11 @@ def draw(query_path: Path, ref_path: Path, result: Verification, mirror: bool,
     return canvas
 
 
-def main(conf: dict[str, Any], query_id: str, ref_id: str, queries: str | Path,
-         references: str | Path, work_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Verify one pair and write its picture; return the PNG path."""
-    qf = LocalFeatures(store_for(conf, queries, work_dir))
-    rf = LocalFeatures(store_for(conf, references, work_dir))
+def main(conf: dict[str, Any], query_id: str, ref_id: str, queries: Path, references: Path,
+         work_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Verify one pair with the query and reference feature stores and write its picture;
+    return the PNG path."""
+    qf, rf = LocalFeatures(queries), LocalFeatures(references)
     for image_id, features in ((query_id, qf), (ref_id, rf)):
         if image_id not in features.store:
             raise UserError(f"{image_id!r} is not in {features.store.root}")
@@ -93,23 +123,18 @@ def main(conf: dict[str, Any], query_id: str, ref_id: str, queries: str | Path,
     return out
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--query", required=True, help="query id")
     parser.add_argument("--reference", required=True, help="reference id")
-    cli.add_set_args(parser)
+    parser.add_argument("--queries", required=True, type=Path, help="query feature store")
+    parser.add_argument("--references", required=True, type=Path,
+                        help="reference feature store")
     parser.add_argument("--out", type=Path, help="PNG (default: <work>/matches/<q>-<r>.png)")
-    cli.add_common_args(parser)
-    return parser.parse_args(argv)
 
 
-def run_cli(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    cli.run_main(main, cli.config_from_args(args), args.query, args.reference, args.queries,
-                 args.references, args.work, args.out)
-
+COMMAND = cli.Command(
+    "visualize", __doc__, add_arguments,
+    lambda conf, a: main(conf, a.query, a.reference, a.queries, a.references, a.work, a.out))
 
 if __name__ == "__main__":
-    from match_score import visualize
-
-    visualize.run_cli()
+    cli.run_module("match_score.visualize")

@@ -1,0 +1,3 @@
+from common.cli import run_module
+
+run_module("evaluation.report")
