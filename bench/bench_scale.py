@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from bench.memory import measure
+from common import safe_pickle
 from common.config import REPO_ROOT, load_config
 from common.images import list_images
 from common.io import dump_joblib, write_json, write_text
@@ -63,9 +64,7 @@ def synthetic_shard(task: tuple[str, int, str]) -> str:
     base, c, out = task
     if Path(out).exists():
         return out
-    import joblib
-
-    shard = joblib.load(base, mmap_mode="r")
+    shard = safe_pickle.load(base, mmap_mode="r")
     packed = shard["views"]["orig"]["desc"]
     rng = np.random.default_rng(c * 100_003 + int(Path(base).stem.split("_")[1]))
     grid = np.asarray(packed["data"], np.float32).reshape(-1, 4, 4, 8)

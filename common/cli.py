@@ -1,13 +1,15 @@
 """Command lines of the stages: each stage module declares one ``Command`` (its own argument
 group and how the parsed arguments call its ``main``); ``copydet <command>`` (``pipeline.cli``)
-and ``python -m <stage module>`` both run it through ``run_command``, the one place where a
-user error becomes one line on stderr and exit code ``EXIT_USER_ERROR``.
+and ``python -m <stage module>`` both run it through ``run_command``, which holds the work
+folder's lock (``common.lock``) for the run and is the one place where a user error or a full
+disk becomes one line on stderr and exit code ``EXIT_USER_ERROR``.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,10 +18,13 @@ from typing import Any
 
 from common import UserError
 from common.config import load_config
+from common.io import DISK_FULL
+from common.lock import work_lock
 from common.logs import setup_console
 from common.parallel import execution
 
 EXIT_USER_ERROR = 2  # what a user can fix (also argparse's code for a bad command line)
+DISK_FULL_TEXT = re.compile(r"No space left on device|Disk quota exceeded|write error in (\S+?):")
 
 
 @dataclass(frozen=True)
@@ -85,25 +90,56 @@ def config_from_args(args: argparse.Namespace) -> dict:
 
 def run_command(command: Command, args: argparse.Namespace) -> Any:
     """Run a parsed command on the configured executor (local processes, or the Dask cluster
-    of ``run.scheduler``)."""
+    of ``run.scheduler``), holding its work folder."""
 
     def call() -> Any:
         conf = config_from_args(args)
-        with execution(conf["run"]):
+        with (work_lock(args.work, command.name, conf["run"]["lock_wait_s"]),
+              execution(conf["run"])):
             return command.call(conf, args)
 
-    return report_errors(call)
+    return report_errors(call, args.work)
 
 
-def report_errors(call: Callable[[], Any]) -> Any:
-    """Run ``call()`` and print its result; a user error is one line on stderr and exit
-    ``EXIT_USER_ERROR``, the same for every command."""
+def disk_full(err: BaseException | None) -> str | None:
+    """If ``err`` arose from a full disk: the file being written then (the deepest error of
+    its chain that names one), or an empty string when unknown; None otherwise. Covers
+    ``OSError`` ENOSPC/EDQUOT and the messages of libraries that translate it (faiss
+    ``write error``, HDF5)."""
+    found = None
+    while err is not None:
+        name = None
+        if isinstance(err, OSError) and err.errno in DISK_FULL:
+            name = str(err.filename or "")
+        elif isinstance(err, OSError | RuntimeError) and (text := DISK_FULL_TEXT.search(str(err))):
+            name = text.group(1) or ""
+        if name is not None and (found is None or name):
+            found = name
+        err = err.__cause__ or err.__context__
+    return found
+
+
+def fail(message: str) -> None:
+    """The one line of a user error, and its exit code."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_USER_ERROR) from None
+
+
+def report_errors(call: Callable[[], Any], work: Path | None = None) -> Any:
+    """Run ``call()`` and print its result; a user error or a full disk is one line on stderr
+    and exit ``EXIT_USER_ERROR``, the same for every command (finished work is kept: every
+    output is written atomically)."""
     setup_console()
     try:
         result = call()
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(EXIT_USER_ERROR) from None
+        fail(str(err))
+    except (OSError, RuntimeError) as err:
+        where = disk_full(err)
+        if where is None:
+            raise
+        fail(f"disk full while writing {where or work or 'the outputs'}: free space or use "
+             "another --work; finished work is kept")
     if result is not None:
         print(result)
     return result

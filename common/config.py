@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from common import UserError
+from common.schema import validate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "config.yaml"
@@ -44,18 +45,33 @@ def apply_override(conf: dict, item: str) -> None:
         node = node[key]
     if keys[-1] not in node:
         raise UserError(f"override {item!r}: unknown key {keys[-1]!r} (known: {sorted(node)})")
-    node[keys[-1]] = yaml.safe_load(raw)
+    node[keys[-1]] = parse_yaml(raw, f"override {item!r}")
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """``text`` parsed as YAML; a ``UserError`` naming ``what`` when it is not YAML."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        reason = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"{what} is not valid YAML: {reason}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict:
-    """The defaults, updated by the YAML file at ``path`` and then by ``overrides``."""
-    conf = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    """The defaults, updated by the YAML file at ``path`` and then by ``overrides``, checked
+    against the schema (``common.schema``) before any work."""
+    defaults = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    conf = copy.deepcopy(defaults)
     if path:
         if not Path(path).is_file():
             raise UserError(f"configuration file not found: {path}")
-        _deep_update(conf, yaml.safe_load(Path(path).read_text()) or {})
+        user = parse_yaml(Path(path).read_text(), f"configuration file {path}") or {}
+        if not isinstance(user, Mapping):
+            raise UserError(f"configuration file {path} must hold sections of key: value lines")
+        _deep_update(conf, user)
     for item in overrides:
         apply_override(conf, item)
+    validate(conf, defaults)
     return conf
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import warnings
 from dataclasses import dataclass
@@ -65,8 +66,8 @@ def list_images(folder: str | Path, name: str | None = None) -> ImageSet:
     """List the images under ``folder`` (recursively); ids are file stems and must be unique.
 
     Files whose suffix is not an image suffix are listed in ``ignored`` (and logged), hidden
-    files are skipped. Files with an image suffix but no image inside are kept: decoding them
-    fails later with a clear reason in the skip report.
+    files are skipped. Files with an image suffix but no image inside, and broken symbolic
+    links, are kept: decoding them fails later with a clear reason in the skip report.
     """
     root = Path(folder)
     if not root.is_dir():
@@ -74,7 +75,7 @@ def list_images(folder: str | Path, name: str | None = None) -> ImageSet:
     by_id: dict[str, Path] = {}
     ignored = []
     for path in sorted(root.rglob("*")):
-        if path.name.startswith(".") or not path.is_file():
+        if path.name.startswith(".") or not (path.is_file() or is_broken_link(path)):
             continue
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             ignored.append(path)
@@ -97,6 +98,23 @@ def list_images(folder: str | Path, name: str | None = None) -> ImageSet:
         paths=tuple(by_id[i] for i in ids),
         ignored=tuple(ignored),
     )
+
+
+def is_broken_link(path: Path) -> bool:
+    """A symbolic link to nothing."""
+    return path.is_symlink() and not path.exists()
+
+
+def input_images(images: str | Path | ImageSet) -> ImageSet:
+    """The image set of a user's input folder, which must hold images (an ``ImageSet`` made
+    by the pipeline, such as the crops, is taken as it is)."""
+    if isinstance(images, ImageSet):
+        return images
+    found = list_images(images)
+    if not found.ids:
+        raise UserError(f"{found.root} holds no images (no file ending in .jpg, .png or another "
+                        "image suffix): give a folder of images")
+    return found
 
 
 def _oriented_size(img: Image.Image) -> tuple[int, int]:
@@ -163,6 +181,8 @@ def read_image(
     Animated images give their first frame. Raises ``ImageError`` for unusable input.
     """
     path = Path(path)
+    if is_broken_link(path):
+        raise ImageError(f"broken symbolic link to {os.readlink(path)}")
     try:
         if path.stat().st_size == 0:
             raise ImageError("empty file (0 bytes)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -21,6 +22,7 @@ from common import UserError
 
 TMP_MARK = ".tmp-"
 INPUTS = "inputs.json"  # beside an output: the input paths it was made from
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 @contextlib.contextmanager
@@ -34,6 +36,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb") as f:  # data reaches the disk before the rename makes it visible
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if err.errno in DISK_FULL and err.filename in (None, str(tmp)):  # name the output
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -90,12 +96,30 @@ def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine (possibly another user's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid > 0
+
+
+def is_stale_tmp(path: Path) -> bool:
+    """A temporary file (``name.tmp-<pid>``) whose writer is no longer running."""
+    pid = path.name.rpartition(TMP_MARK)[2]
+    return not (pid.isdigit() and pid_alive(int(pid)))
+
+
 def clean_stale_tmp(folder: str | os.PathLike) -> int:
-    """Remove temporary files a killed run left behind in ``folder``; return how many."""
+    """Remove the temporary files that killed runs left behind in ``folder`` (those of live
+    processes are being written); return how many."""
     folder = Path(folder)
     if not folder.is_dir():
         return 0
-    stale = [p for p in folder.iterdir() if TMP_MARK in p.name]
+    stale = [p for p in folder.iterdir() if TMP_MARK in p.name and is_stale_tmp(p)]
     for p in stale:
         with contextlib.suppress(FileNotFoundError):
             p.unlink()

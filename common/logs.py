@@ -32,6 +32,15 @@ class TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+class RunFileHandler(logging.FileHandler):
+    """A run's ``run.log``. A line it cannot write (a full disk) is dropped without logging's
+    traceback: the command reports the full disk itself, in one line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handleError(record)
+
+
 def setup_console(level: int = logging.INFO) -> None:
     """Console logging for command-line entry points (idempotent)."""
     root = logging.getLogger()
@@ -89,7 +98,7 @@ def start_run(work_dir: str | os.PathLike, stage: str) -> RunLog:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     folder = Path(work_dir) / "runs" / f"{stamp}-{stage}-{os.getpid()}"
     folder.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(folder / "run.log")
+    handler = RunFileHandler(folder / "run.log")
     handler.setFormatter(logging.Formatter(FORMAT))
     logging.getLogger().addHandler(handler)
     logger = logging.getLogger(stage)

@@ -4,7 +4,8 @@ A store is a folder holding ``manifest.json`` (which image ids go to which shard
 source folder they came from) and ``shard_NNNNN.pkl`` files. The manifest is append-only:
 ids keep their shard and row for ever, new ids go to new shards, so a restarted or extended
 run only computes the shards that are missing. Shards are written atomically and
-uncompressed, so loading one with ``mmap_mode="r"`` reads only the rows that are used.
+uncompressed, so loading one with ``mmap_mode="r"`` reads only the rows that are used; they
+are loaded by ``common.safe_pickle``, which builds arrays and plain containers and nothing else.
 
 Images that leave the folder are not deleted from the shards: the manifest lists them as
 ``removed`` (and un-lists them if they come back), and consumers leave them out of their
@@ -16,15 +17,14 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import joblib
 import numpy as np
 
-from common import UserError
+from common import UserError, safe_pickle
 from common.config import digest
 from common.images import ImageSet
 from common.io import clean_stale_tmp, write_csv, write_json
@@ -44,6 +44,11 @@ class ShardTask:
     ids: tuple[str, ...]
     paths: tuple[str, ...]
     out: Path
+
+
+def unreadable(shard: dict[str, Any]) -> list[str]:
+    """Why each image of a shard could not be read (empty when it was read)."""
+    return list(shard["status"])
 
 
 class ShardStore:
@@ -121,14 +126,15 @@ class ShardStore:
     def source_path(self, image_id: str) -> Path:
         return Path(self.manifest["source"]) / self.manifest["paths"][image_id]
 
-    def write_skipped(self) -> int:
-        """Write the store's ``skipped.csv`` (all runs so far): the images of the set whose
-        shard ``status`` says why they could not be read; return how many."""
+    def write_skipped(self, reasons: Callable[[dict[str, Any]], list[str]] = unreadable) -> int:
+        """Write the store's ``skipped.csv`` (all runs so far): every image of the set that
+        ``reasons(shard)`` (one per row, empty for an image that was used; by default why it
+        could not be read) gives a reason; return how many."""
         rows = []
         for k in range(len(self.shards)):
             shard = self.load(k)
             rows += [(i, self.source_path(i), s)
-                     for i, s in zip(shard["ids"], shard["status"], strict=True)
+                     for i, s in zip(shard["ids"], reasons(shard), strict=True)
                      if s and not self.is_removed(i)]
         write_csv(self.root / "skipped.csv", ["id", "path", "reason"], rows)
         return len(rows)
@@ -151,7 +157,7 @@ class ShardStore:
         are released once it is dropped)."""
         path = self.shard_path(k)
         if not cache:
-            return joblib.load(path, mmap_mode="r")
+            return safe_pickle.load(path, mmap_mode="r")
         stat = path.stat()
         return _load_shard(str(path), stat.st_mtime_ns, stat.st_ino)
 
@@ -174,7 +180,7 @@ class ShardStore:
 
 @functools.lru_cache(maxsize=128)
 def _load_shard(path: str, mtime_ns: int, inode: int) -> dict[str, Any]:
-    return joblib.load(path, mmap_mode="r")
+    return safe_pickle.load(path, mmap_mode="r")
 
 
 def pack(arrays: Sequence[np.ndarray], dtype: Any, width: int | None = None) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from common import cli
 from common.config import digest, output_name
 from common.devices import torch_devices
-from common.images import ImageError, ImageSet, list_images, read_image
+from common.images import ImageError, ImageSet, input_images, read_image
 from common.io import atomic_path, dump_joblib
 from common.logs import RunLog, start_run
 from common.parallel import resolve_n_jobs
@@ -173,7 +173,7 @@ def extract_set(conf: dict[str, Any], images: str | Path | ImageSet, work_dir: s
                 mirror: bool = False) -> Path:
     """Describe every image of ``images`` into its raw descriptor store; return the store."""
     section = conf[STAGE]
-    image_set = images if isinstance(images, ImageSet) else list_images(images)
+    image_set = input_images(images)
     root = model_root(conf, work_dir) / image_set.key
     run = start_run(work_dir, f"{STAGE}.extract-{image_set.name}")
     with run:
@@ -254,8 +254,8 @@ def write_h5(out: Path, stores: dict[str, ShardStore], codec: whitening.Codec, m
             for key in keys:
                 name = role if key == "desc" else f"{role}_mirror"
                 dim = codec.out_dim(np.asarray(store.load(0)[key]).shape[1]) if ids else 0
-                sets[key] = f.create_dataset(name, (len(ids), dim), np.float32,
-                                             chunks=(max(1, min(len(ids), 4096)), max(dim, 1)))
+                chunks = (min(len(ids), 4096), dim) if ids else None  # none: nothing was read
+                sets[key] = f.create_dataset(name, (len(ids), dim), np.float32, chunks=chunks)
             f.create_dataset(f"{role}_ids", data=np.array(ids, dtype=object),
                              dtype=h5py.string_dtype())
             for k, rows, shard_ids in tqdm(valid, desc=f"h5 {role}", unit="shard",

@@ -21,7 +21,7 @@ import numpy as np
 
 from common import cli
 from common.config import output_name
-from common.images import ImageError, ImageSet, list_images
+from common.images import ImageError, ImageSet, input_images
 from common.io import dump_joblib
 from common.logs import RunLog, start_run
 from common.parallel import limit_threads, parallel_map
@@ -30,6 +30,7 @@ from local_fea.features import VIEWS, ImageFeatures, extract_image
 
 STAGE = "local_fea"
 QUERY_ONLY = ("query_max_keypoints",)  # in the query stores' names, not in the shared hash
+NO_KEYPOINTS = "no keypoints (image too flat or too small)"
 
 
 def features_root(conf: dict[str, Any], work_dir: str | Path) -> Path:
@@ -79,20 +80,29 @@ def extract_shard(task: ShardTask, conf: dict[str, Any], mirror: bool) -> dict[s
             "n_kpts": [len(f.views["orig"][0]) for f in feats]}
 
 
+def skip_reason(status: str, n_kpts: int) -> str:
+    """Why an image gives no features: its decoding error, or no keypoints; empty if it does."""
+    return status or ("" if n_kpts else NO_KEYPOINTS)
+
+
+def shard_reasons(shard: dict[str, Any]) -> list[str]:
+    """``skip_reason`` of every image of a stored shard (the store's ``skipped.csv``)."""
+    n_kpts = np.diff(shard["views"]["orig"]["kpts"]["offsets"])
+    return [skip_reason(s, int(n)) for s, n in zip(shard["status"], n_kpts, strict=True)]
+
+
 def report_shard(summary: dict[str, Any], run: RunLog) -> None:
     """Log the skipped and keypoint-less images of a finished shard."""
     for image_id, path, status, n in zip(summary["ids"], summary["paths"], summary["status"],
                                          summary["n_kpts"], strict=True):
-        if status:
-            run.skip(image_id, path, status)
-        elif n == 0:
-            run.skip(image_id, path, "no keypoints (image too flat or too small)")
+        if reason := skip_reason(status, n):
+            run.skip(image_id, path, reason)
 
 
 def main(conf: dict[str, Any], images: str | Path | ImageSet, work_dir: str | Path,
          mirror: bool = False) -> Path:
     """Extract features of every image of ``images``; return the store folder."""
-    image_set = images if isinstance(images, ImageSet) else list_images(images)
+    image_set = input_images(images)
     root = store_path(conf, image_set, work_dir, mirror)
     run = start_run(work_dir, f"{STAGE}.extract-{image_set.name}")
     with run:
@@ -113,7 +123,7 @@ def main(conf: dict[str, Any], images: str | Path | ImageSet, work_dir: str | Pa
         if n_kpts:
             run.logger.info("%d images described, %.0f keypoints per image on average",
                             len(n_kpts), float(np.mean(n_kpts)))
-        n_skipped = store.write_skipped()
+        n_skipped = store.write_skipped(shard_reasons)
         run.logger.info("%s: %d of %d images skipped in all (%s)", image_set.name, n_skipped,
                         len(store), root / "skipped.csv")
     return root

@@ -1,6 +1,7 @@
 """One candidate set from every branch's pairs, with every branch's features for each pair.
 
-The candidates are the union of the pairs the branches found. Each pair then gets the
+The candidates are the union of the pairs the branches found (less the pairs of an image with
+itself when the queries are the references: ``drop_self``). Each pair then gets the
 features of every branch: the branch's own when it found the pair, else computed (``fill``)
 when the branch can: always for a cheap fill (global similarity), and for an expensive one
 (verification) only when another branch ranks the pair within ``merge.fill_rank`` of its
@@ -59,9 +60,16 @@ def top_ranked(evidence: Evidence, max_rank: int) -> set[Pair]:
     return top
 
 
+def without_self_pairs(evidence: Evidence) -> Evidence:
+    """``evidence`` less the pairs of an image with itself (queries and references are one
+    image set: each query's copies are among the other images)."""
+    return Evidence({p: f for p, f in evidence.features.items() if p[0] != p[1]},
+                    {p: s for p, s in evidence.scores.items() if p[0] != p[1]})
+
+
 def read_branches(conf: dict[str, Any], branches: Sequence[BranchEvidence],
-                  pair_files: Mapping[str, Path]) -> dict[str, Evidence]:
-    """Each branch's evidence from its pairs file."""
+                  pair_files: Mapping[str, Path], drop_self: bool = False) -> dict[str, Evidence]:
+    """Each branch's evidence from its pairs file (without self-pairs with ``drop_self``)."""
     evidence = {}
     for branch in branches:
         path = pair_files.get(branch.name)
@@ -69,15 +77,17 @@ def read_branches(conf: dict[str, Any], branches: Sequence[BranchEvidence],
             raise UserError(f"no pairs of the {branch.name} branch{f' at {path}' if path else ''}"
                             ": run that branch first, or leave it out of merge.branches")
         evidence[branch.name] = branch.read(conf, Path(path))
+        if drop_self:
+            evidence[branch.name] = without_self_pairs(evidence[branch.name])
         log.info("%s: %d pairs from %s", branch.name, len(evidence[branch.name].features), path)
     return evidence
 
 
 def gather(conf: dict[str, Any], branches: Sequence[BranchEvidence],
-           pair_files: Mapping[str, Path], folder: Path) -> PairTable:
+           pair_files: Mapping[str, Path], folder: Path, drop_self: bool = False) -> PairTable:
     """The candidate pairs of all branches with every branch's features (module docstring);
     fills write their resumable work under ``folder``."""
-    evidence = read_branches(conf, branches, pair_files)
+    evidence = read_branches(conf, branches, pair_files, drop_self)
     pairs = sorted(set().union(*(e.features for e in evidence.values())))
     found_by = ["+".join(b.name for b in branches if p in evidence[b.name].features)
                 for p in pairs]

@@ -11,7 +11,9 @@ must be on one scale (e.g. ``-o merge.branches=[global] -o merge.method=max`` gi
 global branch alone; ``[local, crop_local]`` compares two calibrated probabilities).
 
 The submission has the header ``query_id,reference_id,score``, one row per pair, float
-scores, best first, and at most ``merge.max_pairs`` rows (the ISC cap of 500,000). Beside it,
+scores, best first, and at most ``merge.max_pairs`` rows (the ISC cap of 500,000); with
+``drop_self`` (``--drop-self-pairs``; ``pipeline.run`` sets it when the query and reference
+folders are one) the pairs of an image with itself are left out of the candidates. Beside it,
 ``<name>.features.csv`` holds every candidate pair with the branches that found it, their
 features (fusion) or own scores (max), and the score.
 """
@@ -46,23 +48,25 @@ def submission_rows(scores: Mapping[Pair, float], max_pairs: int) -> list[tuple]
 
 
 def fused_scores(conf: dict[str, Any], branches: Sequence[BranchEvidence],
-                 pair_files: Mapping[str, Path], folder: Path) -> tuple[PairTable, np.ndarray]:
+                 pair_files: Mapping[str, Path], folder: Path,
+                 drop_self: bool) -> tuple[PairTable, np.ndarray]:
     """The candidate table and the calibrated fusion score of every pair."""
     features = [f for b in branches for f in b.features]  # checked before the costly fills
     model = FusionModel.load(REPO_ROOT / conf[STAGE]["fusion_model"], features)
-    table = gather(conf, branches, pair_files, folder)
+    table = gather(conf, branches, pair_files, folder, drop_self)
     return table, model.score(table)
 
 
 def max_scores(conf: dict[str, Any], branches: Sequence[BranchEvidence],
-               pair_files: Mapping[str, Path], folder: Path) -> tuple[PairTable, np.ndarray]:
+               pair_files: Mapping[str, Path], folder: Path,
+               drop_self: bool) -> tuple[PairTable, np.ndarray]:
     """The candidate table of the branches' own scores and the best of them per pair."""
     scales = {b.name: b.scale for b in branches}
     if len(set(scales.values())) > 1:
         raise UserError(f"merge.method=max compares the branches' own scores, which are on "
                         f"different scales here ({scales}): use merge.method=fusion, or "
                         "branches of one scale")
-    evidence = read_branches(conf, branches, pair_files)
+    evidence = read_branches(conf, branches, pair_files, drop_self)
     pairs = sorted(set().union(*(e.scores for e in evidence.values())))
     x = np.array([[evidence[b.name].scores.get(p, -np.inf) for b in branches] for p in pairs],
                  np.float64).reshape(len(pairs), len(branches))
@@ -72,11 +76,14 @@ def max_scores(conf: dict[str, Any], branches: Sequence[BranchEvidence],
     return table, x.max(axis=1) if len(pairs) else np.zeros(0)
 
 
-def run_folder(conf: dict[str, Any], pair_files: Mapping[str, Path], work_dir: Path) -> Path:
-    """Named after the settings and the pairs files (which name everything upstream)."""
+def run_folder(conf: dict[str, Any], pair_files: Mapping[str, Path], work_dir: Path,
+               drop_self: bool = False) -> Path:
+    """Named after the settings and the pairs files (which name everything upstream), and
+    whether self-pairs are left out."""
     section = {k: v for k, v in conf[STAGE].items() if k not in NOT_IN_NAME}
     inputs = {k: str(Path(v).resolve()) for k, v in sorted(pair_files.items())}
-    return work_dir / STAGE / output_name(section, inputs)
+    return work_dir / STAGE / output_name(section, inputs,
+                                             *(("no-self-pairs",) if drop_self else ()))
 
 
 def features_path(submission: Path) -> Path:
@@ -86,20 +93,21 @@ def features_path(submission: Path) -> Path:
 
 def main(conf: dict[str, Any], branches: Sequence[BranchEvidence],
          pair_files: Mapping[str, str | Path], work_dir: str | Path,
-         out: str | Path | None = None) -> Path:
+         out: str | Path | None = None, drop_self: bool = False) -> Path:
     """Write the submission CSV (module docstring) from the pairs files of ``branches``;
-    return its path."""
+    return its path. ``drop_self``: the queries are the references, leave out the pairs of
+    an image with itself."""
     section = conf[STAGE]
     if section["method"] not in METHODS:
         raise UserError(f"merge.method must be one of {METHODS}, not {section['method']!r}")
     pair_files = {k: Path(v) for k, v in pair_files.items()}
     work_dir = Path(work_dir)
-    folder = run_folder(conf, pair_files, work_dir)
+    folder = run_folder(conf, pair_files, work_dir, drop_self)
     out = Path(out) if out else folder / "submission.csv"
     run = start_run(work_dir, STAGE)
     with run:
         scorer = fused_scores if section["method"] == "fusion" else max_scores
-        table, scores = scorer(conf, branches, pair_files, folder)
+        table, scores = scorer(conf, branches, pair_files, folder, drop_self)
         rows = submission_rows(dict(zip(table.pairs, scores.tolist(), strict=True)),
                                section["max_pairs"])
         write_csv(features_path(out), ["query_id", "reference_id", "found_by",
@@ -127,13 +135,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the pairs file of each branch of merge.branches (what "
                         "`copydet verify` / `copydet global-search` printed)")
     parser.add_argument("--out", type=Path, help="submission CSV (default: under --work)")
+    parser.add_argument("--drop-self-pairs", action="store_true",
+                        help="the queries are the references (one folder): leave out the pairs "
+                        "of an image with itself (`copydet run` does this by itself)")
 
 
 def call(conf: dict[str, Any], args: argparse.Namespace) -> Path:
     import pipeline  # the branch declarations (pipeline imports this module)
 
     return main(conf, pipeline.selected(conf["merge"]["branches"]),
-                parse_pair_files(args.pairs), args.work, args.out)
+                parse_pair_files(args.pairs), args.work, args.out, args.drop_self_pairs)
 
 
 COMMAND = cli.Command("merge", __doc__, add_arguments, call)

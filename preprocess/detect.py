@@ -14,8 +14,8 @@ Writes, under ``<work>/preprocess/<conf>/<set key>/``, and returns ``boxes.csv``
 
 - ``<set>-crop_global/`` and ``<set>-crop_local/``: one image per query, named by its id: the
   crop (JPEG, cut from the full-resolution image, ``margin`` added on each side) when the
-  branch uses the box, otherwise the original file itself (hard-linked, or copied across file
-  systems: same bytes, same suffix);
+  branch uses the box, otherwise a copy of the original file (same bytes, same suffix; never a
+  link to the input);
 - ``boxes.csv``: ``query_id,x1,y1,x2,y2,conf,used_for`` in full-resolution pixels, one row per
   decodable query (empty box: no box found; ``used_for`` ``global+local``, ``local`` or empty);
 - resumable shards (``common.shards``) of the boxes, and ``skipped.csv`` of undecodable queries.
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -40,7 +39,14 @@ from tqdm import tqdm
 from common import cli
 from common.config import file_digest, output_name
 from common.devices import torch_devices
-from common.images import ImageError, ImageSet, list_images, read_image, resize_long_side
+from common.images import (
+    ImageError,
+    ImageSet,
+    input_images,
+    list_images,
+    read_image,
+    resize_long_side,
+)
 from common.io import atomic_path, clean_stale_tmp, dump_joblib, read_csv, write_csv
 from common.logs import RunLog, start_run
 from common.parallel import resolve_n_jobs
@@ -181,12 +187,10 @@ def crop_set(boxes: Path, branch: str) -> ImageSet:
 
 
 def keep_original(src: Path, dst: Path) -> None:
-    """Put the original file at ``dst`` atomically: a hard link, or a copy if linking fails."""
+    """Put a copy of the original file at ``dst`` atomically: never a link, so nothing
+    written in the work folder can reach the user's input."""
     with atomic_path(dst) as tmp:
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
+        shutil.copyfile(src, tmp)
 
 
 def write_crops(root: Path, image_id: str, path: Path, box: Box | None,
@@ -262,7 +266,7 @@ def box_rows(store: ShardStore, conf: dict[str, Any]) -> list[list]:
 
 def main(conf: dict[str, Any], images: str | Path | ImageSet, work_dir: str | Path) -> Path:
     """Detect and crop the overlays of every query of ``images``; return ``boxes.csv``."""
-    image_set = images if isinstance(images, ImageSet) else list_images(images)
+    image_set = input_images(images)
     pconf = conf[STAGE]
     root = output_root(conf, work_dir) / image_set.key
     run = start_run(work_dir, f"{STAGE}.detect-{image_set.name}")

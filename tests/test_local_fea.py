@@ -69,7 +69,7 @@ def test_bad_inputs_are_skipped_and_reported(tmp_path: Path, photos: Path, conf)
     assert feats.status("text").startswith("not an image")
     assert feats.status("flat") == "" and len(feats.get("flat")[0]) == 0
     with open(root / "skipped.csv") as f:
-        assert {r["id"] for r in csv.DictReader(f)} == {"zero", "text"}
+        assert {r["id"] for r in csv.DictReader(f)} == {"zero", "text", "flat"}
     with open(next((work / "runs").glob("*extract*")) / "skipped.csv") as f:
         reasons = {r["item"]: r["reason"] for r in csv.DictReader(f)}
     assert set(reasons) == {"zero", "text", "flat"} and "no keypoints" in reasons["flat"]

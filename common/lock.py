@@ -1,0 +1,87 @@
+"""One run per work folder: ``work_lock`` holds an exclusive ``flock`` on ``<work>/.lock``.
+
+The kernel releases the lock when its process ends, killed or not, so a stale lock never
+blocks: the file's content (pid, command, start time, host) is only what a second run names in
+the one line it stops with. The lock is re-entrant within one process (``copydet run`` calls
+the stages' ``main``), and it is not inherited by worker processes (they are started fresh).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from common import UserError
+
+LOCK = ".lock"
+POLL_S = 0.2
+_held: dict[Path, int] = {}  # work folders this process holds, with their nesting depth
+
+
+class WorkFolderBusyError(UserError):
+    """Another live run holds the work folder."""
+
+
+def holder(path: Path) -> str:
+    """Who holds the lock at ``path``, from what it wrote there."""
+    try:
+        info = json.loads(path.read_text())
+        return (f"pid {info['pid']} on {info['host']} ({info['command']}: "
+                f"{info['argv']}), started {info['started']}")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a run that is just starting"
+
+
+def _acquire(fd: int, path: Path, wait_s: float) -> None:
+    """Take the lock, polling up to ``wait_s`` seconds; a ``WorkFolderBusyError`` after."""
+    deadline = time.monotonic() + max(0.0, wait_s)
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise WorkFolderBusyError(
+                    f"work folder {path.parent} is in use by {holder(path)}: wait for it to "
+                    "finish (or set run.lock_wait_s), or use another --work") from None
+            time.sleep(POLL_S)
+
+
+def _record(fd: int, command: str) -> None:
+    """Write who holds the lock into the lock file (for the message of a second run)."""
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+            "argv": " ".join(sys.argv), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+
+
+@contextlib.contextmanager
+def work_lock(work: str | os.PathLike, command: str, wait_s: float = 0.0) -> Iterator[Path]:
+    """Hold the work folder ``work`` (created if needed) for the block (module docstring)."""
+    folder = Path(work).resolve()
+    if folder in _held:
+        _held[folder] += 1
+        try:
+            yield folder
+        finally:
+            _held[folder] -= 1
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        _acquire(fd, folder / LOCK, wait_s)
+        _record(fd, command)
+        _held[folder] = 1
+        try:
+            yield folder
+        finally:
+            del _held[folder]
+    finally:
+        os.close(fd)  # releases the lock
