@@ -20,7 +20,7 @@ SUBMISSION ?= $(WORK)/submission.csv
 COPYDET := $(VENV)/bin/copydet
 ARGS = --work $(WORK) $(if $(CONFIG),--config $(CONFIG)) $(OPTS)
 
-.PHONY: install demo all eval report test lint gpu-check bench bench-global bench-detect bench-scale capacity \
+.PHONY: install demo all eval report test lint gpu-check bench-pipeline bench bench-global bench-detect bench-scale capacity \
 	train-index calibrate train-split train-global global-assets calibrate-fusion \
 	train-detector clean
 
@@ -68,6 +68,12 @@ bench-scale: install
 
 capacity: install
 	$(PY) -m bench.capacity_plan --work $(WORK)
+
+# The whole default pipeline against its floor (bare SIFT, bare forward, bare Faiss search of
+# the same images, measured in the same run); devset by default, or QUERY/REF when given.
+bench-pipeline: install
+	$(PY) -m bench.bench_pipeline $(if $(filter command line,$(origin QUERY)),--queries $(QUERY)) \
+		$(if $(filter command line,$(origin REF)),--references $(REF)) $(OPTS)
 
 # GPU paths against the CPU, then throughput and peak GPU memory (says so and exits 0
 # without a GPU).

@@ -12,8 +12,10 @@ from pathlib import Path
 import cv2
 
 
-def bare_loop(paths: list[Path], short_side: int, max_keypoints: int) -> int:
-    """Read, downscale and describe every image; return the number of keypoints."""
+def bare_loop(paths: list[Path], short_side: int, max_keypoints: int,
+              mirror: bool = False) -> int:
+    """Read, downscale and describe every image (and its mirror image); return the number of
+    keypoints."""
     cv2.setNumThreads(1)
     sift = cv2.SIFT_create(nfeatures=max_keypoints)
     total = 0
@@ -26,8 +28,9 @@ def bare_loop(paths: list[Path], short_side: int, max_keypoints: int) -> int:
         if scale < 1:
             img = cv2.resize(img, (round(w * scale), round(h * scale)),
                              interpolation=cv2.INTER_AREA)
-        keypoints, _ = sift.detectAndCompute(img, None)
-        total += len(keypoints)
+        for view in (img, cv2.flip(img, 1)) if mirror else (img,):
+            keypoints, _ = sift.detectAndCompute(view, None)
+            total += len(keypoints)
     return total
 
 

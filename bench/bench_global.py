@@ -31,8 +31,10 @@ from global_fea import extract, weights
 from global_fea.model import gem
 
 
-def bare_pass(paths: list[Path], model, size: int, batch: int, mean, std) -> int:
-    """Decode, resize and describe ``paths`` in batches; return the number described."""
+def bare_pass(paths: list[Path], model, size: int, batch: int, mean, std,
+              mirror: bool = False) -> int:
+    """Decode, resize and describe ``paths`` (and their mirror images) in batches; return the
+    number of descriptors."""
     done = 0
     mean = torch.tensor(mean).view(1, 3, 1, 1)
     std = torch.tensor(std).view(1, 3, 1, 1)
@@ -41,8 +43,9 @@ def bare_pass(paths: list[Path], model, size: int, batch: int, mean, std) -> int
             arrays = [np.asarray(Image.open(p).convert("RGB").resize((size, size)))
                       for p in paths[start:start + batch]]
             x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
-            feats = model.forward_features((x - mean) / std)
-            done += len(gem(feats, 3.0, (2, 3)))
+            x = (x - mean) / std
+            for view in (x, x.flip(3)) if mirror else (x,):
+                done += len(gem(model.forward_features(view), 3.0, (2, 3)))
     return done
 
 

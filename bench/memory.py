@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import threading
 import time
 from dataclasses import dataclass
 
 import psutil
+
+from common.resources import tree_rss
 
 
 @dataclass
@@ -17,15 +18,6 @@ class Measured:
     peak_rss_mb: float
     returncode: int
     stdout: str
-
-
-def tree_rss(proc: psutil.Process) -> int:
-    """Resident memory of a process and all its descendants, in bytes."""
-    total = 0
-    for p in [proc, *proc.children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):  # exited between listing and reading
-            total += p.memory_info().rss
-    return total
 
 
 def measure(cmd: list[str], interval: float = 0.05, **kwargs) -> Measured:

@@ -30,8 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from common import UserError, cli
-from common.images import ImageSet, list_images
+from common.images import ImageSet, input_images
 from common.io import write_json
+from common.lock import work_lock
+from common.resources import measured
 from global_fea import extract as global_extract
 from global_fea import search as global_search
 from local_fea import extract, search
@@ -55,8 +57,9 @@ Outputs = dict[str, Path]  # what a branch's stages returned; "pairs" is its pai
 
 @dataclass
 class Record:
-    """What each stage of a run returned, and its wall time. A stage called again with the
-    same inputs (the reference features, for a second branch) returns what it returned."""
+    """What each stage of a run returned, and its wall time, CPU time and peak memory (this
+    process and its workers). A stage called again with the same inputs (the reference
+    features, for a second branch) returns what it returned."""
 
     stages: list[dict[str, Any]] = field(default_factory=list)
     _done: dict[tuple, Path] = field(default_factory=dict)
@@ -64,10 +67,12 @@ class Record:
     def __call__(self, stage: str, label: str, main: Callable[..., Path], *args: Any) -> Path:
         key = (main, *map(id, args))  # the same objects: the inputs of this run
         if key not in self._done:
-            start = time.perf_counter()
-            self._done[key] = main(*args)
+            with measured() as usage:
+                self._done[key] = main(*args)
             self.stages.append({"stage": stage, "label": label, "output": str(self._done[key]),
-                                "seconds": round(time.perf_counter() - start, 3)})
+                                "seconds": round(usage.seconds, 3),
+                                "cpu_seconds": round(usage.cpu_seconds, 3),
+                                "peak_rss_mb": round(usage.peak_rss_mb, 1)})
         return self._done[key]
 
 
@@ -145,22 +150,31 @@ def run_branches(conf: dict[str, Any], queries: ImageSet, references: ImageSet, 
 
 def run(conf: dict[str, Any], queries: str | Path, references: str | Path, work: str | Path,
         out: str | Path | None = None) -> Path:
-    """Run the whole pipeline on two image folders; return the submission CSV."""
-    work = Path(work)
+    """Run the whole pipeline on two image folders, holding the work folder; return the
+    submission CSV. When both are one folder, each image's copies are looked for among the
+    other images: the pairs of an image with itself are left out of the submission."""
+    with work_lock(work, "run", conf["run"]["lock_wait_s"]):
+        return _run(conf, input_images(queries), input_images(references), Path(work), out)
+
+
+def _run(conf: dict[str, Any], query_set: ImageSet, reference_set: ImageSet, work: Path,
+         out: str | Path | None) -> Path:
+    """``run`` on two listed image sets, the work folder held."""
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    query_set, reference_set = list_images(queries), list_images(references)
     record = Record()
     outputs = run_branches(conf, query_set, reference_set, work, record)
     pair_files = {name: o["pairs"] for name, o in outputs.items()}
+    same_set = query_set.root.resolve() == reference_set.root.resolve()
     submission = record("merge.fuse", "", fuse.main, conf,
-                        selected(conf["merge"]["branches"]), pair_files, work, out)
+                        selected(conf["merge"]["branches"]), pair_files, work, out, same_set)
     write_json(work / RECORD, {
         "queries": str(query_set.root.resolve()),
         "references": str(reference_set.root.resolve()),
         "config": conf, "stages": record.stages,
         "branches": {name: {k: str(v) for k, v in o.items()} for name, o in outputs.items()},
         "submission": str(submission), "features": str(fuse.features_path(submission)),
-        "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "self_pairs_left_out": same_set, "started": started,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
     return submission
 

@@ -1,0 +1,133 @@
+"""Benchmark of the whole default pipeline against its floor, measured in the same run.
+
+    python -m bench.bench_pipeline [--queries DIR] [--references DIR] [--work DIR] [-o K=V]
+
+Runs ``python -m pipeline run`` (every branch, the defaults) and prints each stage's wall time,
+CPU time, throughput and peak memory (from the run record, ``pipeline.json``). Then the
+floor, with the same number of cores: a bare decode + SIFT loop over the same images (the
+queries with their mirror view and their keypoint budget), a bare forward of the same network
+over them (queries twice: mirrored too), and a bare Faiss search of the same query
+descriptors in the populated index. ``pipeline / floor`` is what everything around the
+extraction costs. Defaults to ../shared/devset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from bench.bare_sift import bare_loop
+from bench.bench_global import bare_pass
+from bench.memory import measure
+from common.config import REPO_ROOT, load_config
+from common.images import list_images
+from common.parallel import resolve_n_jobs
+from common.shards import ShardStore
+from global_fea import weights
+from local_fea import search
+from local_fea.index import load_index
+from local_fea.search import query_block
+
+DEVSET = REPO_ROOT.parent / "shared" / "devset"
+
+
+def _sift_chunk(args: tuple[list[Path], int, int, bool]) -> int:
+    return bare_loop(*args)
+
+
+def sift_floor(conf: dict, queries: list[Path], refs: list[Path], n_jobs: int) -> float:
+    """Seconds of a bare decode + SIFT loop over both sets on ``n_jobs`` processes."""
+    section = conf["local_fea"]
+    chunks = [(refs[i::n_jobs], section["short_side"], section["max_keypoints"], False)
+              for i in range(n_jobs)]
+    chunks += [(queries[i::n_jobs], section["short_side"], section["query_max_keypoints"], True)
+               for i in range(n_jobs)]
+    start = time.perf_counter()
+    with Pool(n_jobs) as pool:
+        pool.map(_sift_chunk, chunks, chunksize=1)
+    return time.perf_counter() - start
+
+
+def forward_floor(conf: dict, queries: list[Path], refs: list[Path], n_jobs: int) -> float:
+    """Seconds of a bare decode + forward of the global network over both sets."""
+    section = conf["global_fea"]
+    torch.set_num_threads(n_jobs)
+    model = weights.build(section).backbone.eval().to(memory_format=torch.channels_last)
+    args = (model, section["image_size"], section["batch_size"], section["mean"], section["std"])
+    start = time.perf_counter()
+    bare_pass(refs, *args)
+    bare_pass(queries, *args, mirror=True)
+    return time.perf_counter() - start
+
+
+def search_floor(conf: dict, record: dict, work: Path, n_jobs: int) -> float:
+    """Seconds of a bare Faiss search of every query descriptor in the populated index."""
+    local = record["branches"]["local"]
+    queries, refs = ShardStore(local["query_store"]), Path(local["reference_store"])
+    section = conf["local_search"]
+    index_file = next(search.index_folder(conf, refs, work).glob("index-*.faiss"))
+    index = load_index(index_file, section["nprobe"])
+    desc = np.concatenate([query_block(queries, k)[2] for k in range(len(queries.shards))])
+    faiss.omp_set_num_threads(n_jobs)
+    start = time.perf_counter()
+    for s in range(0, len(desc), section["query_batch"]):
+        index.search(desc[s:s + section["query_batch"]], section["k"])
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--queries", type=Path, default=DEVSET / "queries")
+    parser.add_argument("--references", type=Path, default=DEVSET / "references")
+    parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
+    parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    work = (args.work or Path(tempfile.mkdtemp(prefix="bench_pipeline-"))).resolve()
+    conf = load_config(overrides=args.override)
+    n_jobs = resolve_n_jobs(conf["run"]["n_jobs"])
+    overrides = [x for o in args.override for x in ("-o", o)]
+    run = measure([sys.executable, "-m", "pipeline", "run", "--queries", str(args.queries),
+                   "--references", str(args.references), "--work", str(work), *overrides],
+                  cwd=REPO_ROOT)
+    if run.returncode:
+        raise SystemExit(f"the pipeline failed (exit {run.returncode})")
+    record = json.loads((work / "pipeline.json").read_text())
+    print(f"pipeline on {args.queries} x {args.references}, {n_jobs} cores")
+    print(f"  {'stage':44s} {'wall s':>8s} {'CPU s':>8s} {'peak MB':>8s}")
+    for stage in record["stages"]:
+        name = f"{stage['stage']} {stage['label']}"
+        print(f"  {name[:44]:44s} {stage['seconds']:8.1f} {stage['cpu_seconds']:8.1f} "
+              f"{stage['peak_rss_mb']:8.0f}")
+    total = sum(s["seconds"] for s in record["stages"])
+    print(f"  {'all stages':44s} {total:8.1f}   (whole run {run.seconds:.1f} s, peak "
+          f"{run.peak_rss_mb:.0f} MB)")
+
+    queries = list(list_images(args.queries).paths)
+    refs = list(list_images(args.references).paths)
+    floor = {"decode + SIFT": sift_floor(conf, queries, refs, n_jobs),
+             "decode + forward": forward_floor(conf, queries, refs, n_jobs),
+             "Faiss search": search_floor(conf, record, work, n_jobs)}
+    n_images = len(queries) + len(refs)
+    print(f"floor, same images, {n_jobs} cores")
+    for name, seconds in floor.items():
+        print(f"  {name:44s} {seconds:8.1f}")
+    print(f"  {'floor':44s} {sum(floor.values()):8.1f}")
+    ratio = run.seconds / sum(floor.values())
+    print(f"pipeline / floor = {ratio:.2f}  ({n_images / run.seconds:.1f} images/s end to end)")
+    report = {"stages": record["stages"], "run_seconds": run.seconds,
+              "peak_rss_mb": run.peak_rss_mb, "floor": floor, "ratio": ratio}
+    (work / "bench_pipeline.json").write_text(json.dumps(report, indent=1))
+    print(f"figures in {work / 'bench_pipeline.json'}")
+
+
+if __name__ == "__main__":
+    main()
