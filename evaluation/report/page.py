@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from common.io import is_stale_tmp
+
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 
@@ -17,8 +19,7 @@ def building(out: Path) -> Iterator[Path]:
     """A fresh temporary folder beside ``out``, renamed onto ``out`` if the block succeeds."""
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f"{out.name}.tmp-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if is_stale_tmp(stale):  # a killed build's folder
             shutil.rmtree(stale, ignore_errors=True)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -32,16 +33,6 @@ def building(out: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid != os.getpid()
 
 
 def render(context: dict[str, Any]) -> str:
