@@ -62,18 +62,19 @@ class Record:
     features, for a second branch) returns what it returned."""
 
     stages: list[dict[str, Any]] = field(default_factory=list)
-    _done: dict[tuple, Path] = field(default_factory=dict)
+    _done: dict[tuple, tuple[tuple, Path]] = field(default_factory=dict)
 
     def __call__(self, stage: str, label: str, main: Callable[..., Path], *args: Any) -> Path:
-        key = (main, *map(id, args))  # the same objects: the inputs of this run
+        key = (main, *map(id, args))  # the same objects (kept alive below, so ids stay theirs)
         if key not in self._done:
             with measured() as usage:
-                self._done[key] = main(*args)
-            self.stages.append({"stage": stage, "label": label, "output": str(self._done[key]),
+                output = main(*args)
+            self._done[key] = (args, output)
+            self.stages.append({"stage": stage, "label": label, "output": str(output),
                                 "seconds": round(usage.seconds, 3),
                                 "cpu_seconds": round(usage.cpu_seconds, 3),
                                 "peak_rss_mb": round(usage.peak_rss_mb, 1)})
-        return self._done[key]
+        return self._done[key][1]
 
 
 def run_local(conf: dict[str, Any], queries: ImageSet, references: ImageSet, work: Path,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import pipeline
 from common.config import REPO_ROOT
 from evaluation.isc_metric import evaluate, load_ground_truth, load_predictions
 from tests.conftest import DATA, DEVSET, offline_env, python
@@ -122,3 +123,20 @@ def test_devset_slice_micro_ap_floor(tmp_path: Path) -> None:
     metrics = evaluate(load_predictions(out), load_ground_truth(gt))
     assert metrics.n_positives >= 40
     assert metrics.micro_ap >= 0.97 and metrics.recall_at_p90 >= 0.95, metrics.to_dict()
+
+
+def test_record_runs_a_stage_once_per_inputs_and_measures_it() -> None:
+    """A second branch asking for the same stage on the same inputs (the reference features)
+    gets the first output; other inputs run the stage again."""
+    record = pipeline.Record()
+    calls: list[tuple] = []
+
+    def stage(*args: object) -> Path:
+        calls.append(args)
+        return Path(f"out-{len(calls)}")
+
+    refs, crops = object(), object()
+    assert record("s", "refs", stage, refs) == record("s", "refs", stage, refs) == Path("out-1")
+    assert record("s", "crops", stage, crops) == Path("out-2") and len(calls) == 2
+    assert [s["label"] for s in record.stages] == ["refs", "crops"]
+    assert all(s["seconds"] >= 0 and s["peak_rss_mb"] > 0 for s in record.stages)
