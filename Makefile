@@ -48,9 +48,11 @@ eval: install
 	$(PY) -m evaluation.isc_metric --predictions $(SUBMISSION) --gt $(GT) \
 		--plot $(WORK)/pr_curve.png --json $(WORK)/metrics.json
 
-# One HTML page per run: $(WORK)/report/index.html (opens from file://, no server).
+# One HTML page per run: $(WORK)/report/index.html (opens from file://, no server); metrics
+# only with GT=… given (`make demo` gives the demo's).
 report: install
-	$(COPYDET) report --work $(WORK) $(if $(GT),--gt $(GT)) $(if $(EDITS),--edits $(EDITS))
+	$(COPYDET) report --work $(WORK) $(if $(filter command line,$(origin GT)),--gt $(GT)) \
+		$(if $(EDITS),--edits $(EDITS))
 
 test: install
 	$(PY) -m pytest -q
@@ -62,7 +64,7 @@ bench: bench-global
 	$(PY) -m bench.bench_local
 
 # Search time and memory against the number of references (1x-100x the devset, hours on one
-# core; needs `make extract` on the devset and `make train-index`), then the capacity plan.
+# core; needs `make all` on the devset and `make train-index`), then the capacity plan.
 bench-scale: install
 	nice -n 10 $(PY) -m bench.bench_scale --work $(WORK)
 

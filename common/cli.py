@@ -1,8 +1,8 @@
 """Command lines of the stages: each stage module declares one ``Command`` (its own argument
-group and how the parsed arguments call its ``main``); ``copydet <command>`` (``pipeline.cli``)
-and ``python -m <stage module>`` both run it through ``run_command``, which holds the work
-folder's lock (``common.lock``) for the run and is the one place where a user error or a full
-disk becomes one line on stderr and exit code ``EXIT_USER_ERROR``.
+group and how the parsed arguments call its ``main``); ``copydet <command>``
+(``pipeline.commands``) and ``python -m <stage module>`` both run it through ``run_command``,
+which holds the work folder's lock (``common.lock``) for the run and is the one place where a
+user error or a full disk becomes one line on stderr and exit code ``EXIT_USER_ERROR``.
 """
 
 from __future__ import annotations
@@ -83,8 +83,9 @@ def config_from_args(args: argparse.Namespace) -> dict:
     overrides = list(args.override)
     if args.n_jobs is not None:
         overrides.append(f"run.n_jobs={args.n_jobs}")
-    if args.scheduler is not None:
-        overrides.append(f"run.scheduler={args.scheduler}")
+    if args.scheduler is not None:  # "none" (the help's word) or "null": local processes
+        local = args.scheduler.strip().lower() in ("", "none", "null")
+        overrides.append(f"run.scheduler={'null' if local else args.scheduler}")
     return load_config(args.config, overrides)
 
 

@@ -25,6 +25,8 @@ DEFAULT_CONFIG = REPO_ROOT / "config.yaml"
 
 def _deep_update(base: dict, update: Mapping) -> dict:
     for key, value in update.items():
+        if value is None and isinstance(base.get(key), dict):
+            continue  # a section whose keys are all commented out: nothing to change
         if isinstance(value, Mapping) and isinstance(base.get(key), dict):
             _deep_update(base[key], value)
         else:
@@ -81,9 +83,17 @@ def digest(*parts: Any) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
+def repo_path(path: str | Path) -> Path:
+    """A path of the configuration (a model, an index folder): as given when absolute or when
+    it exists from here, else inside the repository (where the shipped assets are), so the
+    installed ``copydet`` works from any folder."""
+    path = Path(path)
+    return path if path.is_absolute() or path.exists() else REPO_ROOT / path
+
+
 def file_digest(path: str | Path) -> str:
     """A short hash of a file's bytes (``missing`` when there is no such file)."""
-    path = Path(path) if Path(path).is_absolute() else REPO_ROOT / path
+    path = repo_path(path)
     return hashlib.sha1(path.read_bytes()).hexdigest()[:12] if path.is_file() else "missing"
 
 

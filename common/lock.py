@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -37,6 +38,24 @@ def holder(path: Path) -> str:
                 f"{info['argv']}), started {info['started']}")
     except (OSError, ValueError, KeyError, TypeError):
         return "a run that is just starting"
+
+
+def _open(path: Path) -> tuple[int, bool]:
+    """The lock file, never through a link (a planted ``.lock`` link is refused, not written
+    through): read-write, or read-only where another user made it (flock works on both)."""
+    flags = os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        try:
+            fd, writable = os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o666), True
+        except PermissionError:
+            fd, writable = os.open(path, os.O_RDONLY | flags), False
+    except OSError as err:
+        raise UserError(f"cannot use {path} as the work folder's lock ({err.strerror}): "
+                        "remove it, or use another --work") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UserError(f"{path} is not a plain file: remove it, or use another --work")
+    return fd, writable
 
 
 def _acquire(fd: int, path: Path, wait_s: float) -> None:
@@ -74,10 +93,11 @@ def work_lock(work: str | os.PathLike, command: str, wait_s: float = 0.0) -> Ite
             _held[folder] -= 1
         return
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fd, writable = _open(folder / LOCK)
     try:
         _acquire(fd, folder / LOCK, wait_s)
-        _record(fd, command)
+        if writable:
+            _record(fd, command)
         _held[folder] = 1
         try:
             yield folder

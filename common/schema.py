@@ -34,6 +34,8 @@ class Rule:
     kind: tuple[type, ...] = ()  # the types allowed, instead of the default's
     item: tuple[type, ...] = ()  # the type of a list's items
     length: int | None = None  # the length of a list
+    min_length: int = 0  # the fewest items of a list
+    unique: bool = False  # a list's items are all different
 
 
 COUNT = Rule(low=1)
@@ -48,7 +50,7 @@ RULES: dict[str, Rule] = {
     "local_fea.max_keypoints": COUNT,
     "local_fea.query_max_keypoints": COUNT,
     "local_fea.contrast_threshold": Rule(above=0),
-    "local_fea.edge_threshold": Rule(above=0),
+    "local_fea.edge_threshold": Rule(above=0, kind=NUMBER),
     "local_fea.thumb_side": Rule(low=8),
     "local_fea.max_pixels": COUNT,
     "local_search.nprobe": COUNT,
@@ -86,7 +88,7 @@ RULES: dict[str, Rule] = {
     "global_search.block": COUNT,
     "global_search.gpu": GPU,
     "merge.method": Rule(choices=("fusion", "max")),
-    "merge.branches": Rule(item=(str,)),
+    "merge.branches": Rule(item=(str,), min_length=1, unique=True),
     "merge.fill_rank": Rule(low=0),
     "merge.max_pairs": COUNT,
     "preprocess.imgsz": Rule(low=32),
@@ -142,6 +144,8 @@ def fits(value: Any, kinds: tuple[type, ...], rule: Rule) -> bool:
         return False
     if isinstance(value, list):
         return ((rule.length is None or len(value) == rule.length)
+                and len(value) >= rule.min_length
+                and (not rule.unique or len(set(map(str, value))) == len(value))
                 and all(is_kind(v, rule.item) for v in value)
                 and (not set(rule.item) & set(NUMBER) or all(in_range(v, rule) for v in value)))
     if is_kind(value, NUMBER):
@@ -168,8 +172,10 @@ def allowed(kinds: tuple[type, ...], rule: Rule) -> str:
     if rule.choices:
         return "one of " + ", ".join(map(show, rule.choices))
     if rule.item:
-        size = f" of {rule.length} items" if rule.length else ""
-        text = f"a list{size}, each {kind_words(rule.item)}{bounds(rule)}"
+        size = (f" of {rule.length} items" if rule.length
+                else f" of at least {rule.min_length} item(s)" if rule.min_length else "")
+        each = "each different, " if rule.unique else ""
+        text = f"a list{size}, {each}each {kind_words(rule.item)}{bounds(rule)}"
     else:
         text = kind_words(kinds) + bounds(rule)
     return " or ".join([text, *map(show, rule.also)])

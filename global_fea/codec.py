@@ -13,7 +13,7 @@ import faiss
 import numpy as np
 
 from common import UserError
-from common.config import REPO_ROOT, file_digest
+from common.config import file_digest, repo_path
 from global_fea.weights import model_name
 
 NONE = "none"
@@ -48,8 +48,7 @@ def slug(factory: str) -> str:
 
 
 def assets_dir(section: dict[str, Any]) -> Path:
-    path = Path(section["assets"])
-    return path if path.is_absolute() else REPO_ROOT / path
+    return repo_path(section["assets"])
 
 
 def codec_path(section: dict[str, Any]) -> Path:

@@ -29,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common import UserError, knn
+from common.config import repo_path
 from common.io import atomic_path
 from common.shards import ShardStore
 
@@ -166,7 +167,7 @@ def trained_index_path(conf: dict[str, Any], features_name: str) -> Path:
     """Where the trained, empty index for this feature type and factory string lives."""
     label = features_name.rsplit("-", 1)[0]
     factory = re.sub(r"[^A-Za-z0-9]+", "_", conf["index"])
-    return Path(conf["trained_dir"]) / f"{label}-{factory}.faiss"
+    return repo_path(conf["trained_dir"]) / f"{label}-{factory}.faiss"
 
 
 def load_trained(conf: dict[str, Any], features_name: str) -> faiss.Index:

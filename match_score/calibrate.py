@@ -3,7 +3,8 @@
     copydet calibrate --photos ../shared/trainset/photos --work work
 
 Builds a DISC21-style benchmark from the photos (``data.make_benchmark``: references, edited
-copies, edited distractors), runs the pipeline's local branch on it, and fits
+copies, edited distractors), runs the pipeline's local branch on it up to its candidates,
+verifies them (unscored: no model is needed to fit a new one), and fits
 ``match_score.score.ScoreModel`` on the verified pairs: a true pair's best-verified view is a
 positive, every pair of a query with a reference it was not made from is a negative. The
 model is written to ``match_score.score_model`` (shipped in the repository).
@@ -24,6 +25,7 @@ from common.images import list_images
 from common.io import read_csv
 from common.logs import start_run
 from data.make_benchmark import QUERY_DIR, REF_DIR, make_benchmark
+from match_score import verify
 from match_score.score import ScoreModel
 
 BENCHMARK = {"n_refs": 600, "n_positives": 450, "n_distractors": 450, "seed": 2021}
@@ -48,11 +50,14 @@ def training_rows(
 
 
 def run_local_branch(conf: dict[str, Any], bench: Path, work_dir: Path) -> list[dict[str, str]]:
-    """The local branch's verified rows of the benchmark, in candidate order."""
-    outputs = pipeline.run_local(conf, list_images(bench / QUERY_DIR),
-                                 list_images(bench / REF_DIR), work_dir, pipeline.Record())
-    rows = read_csv(outputs["pairs"])
-    return sorted(rows, key=lambda r: (r["query_id"], r["reference_id"], r["view"]))
+    """The verified rows (not scored: the model is what is being fitted) of the local branch's
+    candidates on the benchmark, in candidate order."""
+    out = pipeline.run_candidates(conf, list_images(bench / QUERY_DIR),
+                                  list_images(bench / REF_DIR), work_dir, pipeline.Record())
+    search_name = out["candidates"].parent.parent.name
+    folder = verify.match_root(conf, search_name, work_dir) / "calibration"
+    return verify.verify_pairs(conf, verify.candidate_pairs(out["candidates"]),
+                               out["query_store"], out["reference_store"], folder / "parts")
 
 
 def main(conf: dict[str, Any], photos: str | Path, work_dir: str | Path,

@@ -77,15 +77,22 @@ class Record:
         return self._done[key][1]
 
 
-def run_local(conf: dict[str, Any], queries: ImageSet, references: ImageSet, work: Path,
-              record: Record) -> Outputs:
-    """The local branch: RootSIFT of both sets, search, verification."""
+def run_candidates(conf: dict[str, Any], queries: ImageSet, references: ImageSet, work: Path,
+                   record: Record) -> Outputs:
+    """The local branch up to its candidates: RootSIFT of both sets, search."""
     refs = record("local_fea.extract", references.name, extract.main, conf, references, work)
     qs = record("local_fea.extract", queries.name, extract.main, conf, queries, work, True)
     candidates = record("local_fea.search", queries.name, search.main, conf, qs, refs, work)
-    pairs = record("match_score.verify", queries.name, verify.main, conf, qs, refs, candidates,
-                   work)
-    return {"pairs": pairs, "candidates": candidates, "query_store": qs, "reference_store": refs}
+    return {"candidates": candidates, "query_store": qs, "reference_store": refs}
+
+
+def run_local(conf: dict[str, Any], queries: ImageSet, references: ImageSet, work: Path,
+              record: Record) -> Outputs:
+    """The local branch: its candidates, verified and scored."""
+    out = run_candidates(conf, queries, references, work, record)
+    pairs = record("match_score.verify", queries.name, verify.main, conf, out["query_store"],
+                   out["reference_store"], out["candidates"], work)
+    return {"pairs": pairs, **out}
 
 
 def run_crop_local(conf: dict[str, Any], queries: ImageSet, references: ImageSet, work: Path,

@@ -12,10 +12,9 @@ confidence exceeds ``conf_global`` and for the local branch when it exceeds ``co
 
 Writes, under ``<work>/preprocess/<conf>/<set key>/``, and returns ``boxes.csv``:
 
-- ``<set>-crop_global/`` and ``<set>-crop_local/``: one image per query, named by its id: the
-  crop (JPEG, cut from the full-resolution image, ``margin`` added on each side) when the
-  branch uses the box, otherwise a copy of the original file (same bytes, same suffix; never a
-  link to the input);
+- ``<set>-crop_global/`` and ``<set>-crop_local/``: the crops, named by query id (JPEG, cut
+  from the full-resolution image, ``margin`` added on each side), of the queries whose box the
+  branch uses; nothing of the other queries (never a copy or a link of an input);
 - ``boxes.csv``: ``query_id,x1,y1,x2,y2,conf,used_for`` in full-resolution pixels, one row per
   decodable query (empty box: no box found; ``used_for`` ``global+local``, ``local`` or empty);
 - resumable shards (``common.shards``) of the boxes, and ``skipped.csv`` of undecodable queries.
@@ -25,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,28 +184,18 @@ def crop_set(boxes: Path, branch: str) -> ImageSet:
                     tuple(p for _, p in keep))
 
 
-def keep_original(src: Path, dst: Path) -> None:
-    """Put a copy of the original file at ``dst`` atomically: never a link, so nothing
-    written in the work folder can reach the user's input."""
-    with atomic_path(dst) as tmp:
-        shutil.copyfile(src, tmp)
-
-
 def write_crops(root: Path, image_id: str, path: Path, box: Box | None,
                 branches: list[str], margin: float, quality: int) -> None:
-    """The image each branch gets for this query: its crop or the original file."""
-    crop = None
-    if branches:
-        rgb, size = read_image(path, "RGB")
-        x1, y1, x2, y2 = crop_region(box, size, margin)
-        crop = Image.fromarray(rgb[y1:y2, x1:x2])
-    for branch in BRANCHES:
-        folder = crop_folder(root, branch)
-        if branch in branches:
-            with atomic_path(folder / f"{image_id}.jpg") as tmp:
-                crop.save(tmp, format="JPEG", quality=quality)
-        else:
-            keep_original(path, folder / f"{image_id}{path.suffix}")
+    """The crop of this query for each branch that uses its box (the other branches take the
+    query itself, from its own folder: nothing of it is copied or linked here)."""
+    if not branches:
+        return
+    rgb, size = read_image(path, "RGB")
+    x1, y1, x2, y2 = crop_region(box, size, margin)
+    crop = Image.fromarray(rgb[y1:y2, x1:x2])
+    for branch in branches:
+        with atomic_path(crop_folder(root, branch) / f"{image_id}.jpg") as tmp:
+            crop.save(tmp, format="JPEG", quality=quality)
 
 
 def detect_shard(task: ShardTask, detector: Detector, root: Path, run: RunLog) -> int:
@@ -273,6 +261,7 @@ def main(conf: dict[str, Any], images: str | Path | ImageSet, work_dir: str | Pa
     with run:
         store = ShardStore.plan(root, image_set, conf["run"]["shard_size"])
         for branch in BRANCHES:
+            crop_folder(root, branch).mkdir(parents=True, exist_ok=True)
             clean_stale_tmp(crop_folder(root, branch))
         tasks = store.tasks()
         if tasks:  # boxes.csv marks a complete detection: not until these shards are done

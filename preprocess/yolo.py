@@ -33,7 +33,7 @@ import yaml
 from PIL import Image
 
 from common import UserError
-from common.config import REPO_ROOT
+from common.config import REPO_ROOT, repo_path
 from common.io import atomic_path, write_text
 
 DEFAULT_CONFIG_DIR = REPO_ROOT / "work" / "ultralytics"
@@ -127,9 +127,7 @@ def load_model(weights: str | Path):
     file on this machine), with those weights loaded."""
     from safetensors import SafetensorError, safe_open
 
-    path = Path(weights)
-    if not path.is_absolute() and not path.exists():
-        path = REPO_ROOT / path
+    path = repo_path(weights)
     if not path.is_file():
         raise UserError(f"detector weights not found: {weights} (train them with "
                         "`make train-detector`, see README)")

@@ -151,17 +151,19 @@ def test_the_safe_loader_maps_arrays_and_refuses_globals(tmp_path: Path) -> None
 
 # Data safety -------------------------------------------------------------------------------
 
-def test_detection_never_links_an_input(photos: Path, tmp_path: Path, conf) -> None:
+def test_detection_never_links_nor_copies_an_input(photos: Path, tmp_path: Path,
+                                                    conf) -> None:
+    """Queries without a crop used to be hard-linked into the crop folders (a write there
+    reached the input), then copied (twice the query set's bytes): now nothing of theirs is
+    written; the crops are new files."""
     work = tmp_path / "work"
     boxes = detect.main(conf, photos, work)
-    kept = [p for p in files_under(boxes.parent) if p.name in {q.name for q in photos.iterdir()}]
-    assert kept  # queries without a crop are kept whole, as copies
+    crops = [p for p in files_under(boxes.parent) if p.parent.name.endswith(("-crop_local",
+                                                                              "-crop_global"))]
+    used = {r["query_id"] for r in csv.DictReader(boxes.open()) if r["used_for"]}
+    assert {p.stem for p in crops} == used
     inputs = {p.stat().st_ino for p in photos.iterdir()}
     assert not inputs & {p.stat().st_ino for p in files_under(work)}
-    original = (photos / kept[0].name).read_bytes()
-    assert kept[0].read_bytes() == original
-    kept[0].write_bytes(b"changed in the work folder")
-    assert (photos / kept[0].name).read_bytes() == original
 
 
 def hold_lock(work: Path) -> subprocess.Popen:
@@ -196,6 +198,21 @@ def test_the_lock_is_reentrant_within_a_process(tmp_path: Path) -> None:
     with work_lock(tmp_path, "outer"), work_lock(tmp_path / ".", "inner"):
         assert json.loads((tmp_path / ".lock").read_text())["command"] == "outer"
     with work_lock(tmp_path, "again"):
+        pass
+
+
+def test_a_planted_lock_link_is_refused_and_never_written_through(tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / ".lock").symlink_to(victim)
+    with pytest.raises(UserError, match="lock"), work_lock(work, "run"):
+        pass
+    assert victim.read_text() == "precious"
+    (work / ".lock").unlink()
+    os.mkfifo(work / ".lock")  # opens without blocking read-write, but is no file
+    with pytest.raises(UserError, match="not a plain file"), work_lock(work, "run"):
         pass
 
 
@@ -308,6 +325,8 @@ def test_a_misspelt_key_is_one_line(photos: Path, tmp_path: Path) -> None:
     ("preprocess.crop_quality=101", "an integer >= 1 and <= 100"),
     ("run.lock_wait_s=-1", "a number >= 0"),
     ("local_fea.name=s{shortside}", "not a template of local_fea's keys"),
+    ("merge.branches=[]", "a list of at least 1 item(s)"),
+    ("merge.branches=[local, local]", "each different"),
 ])
 def test_invalid_values_are_refused_before_any_work(bad: str, allowed: str) -> None:
     key, value = bad.split("=", 1)
@@ -323,7 +342,11 @@ def test_the_defaults_and_their_kinds_of_values_pass(tmp_path: Path) -> None:
     load_config(DEFAULT_CONFIG, ["local_search.gpu=false", "global_search.gpu=true",
                                  "global_fea.workers=2", "global_fea.device=[0, 1]",
                                  "preprocess.device=cuda:0", "match_score.ransac_px=4",
-                                 "run.scheduler=tcp://head:8786", "run.lock_wait_s=2.5"])
+                                 "run.scheduler=tcp://head:8786", "run.lock_wait_s=2.5",
+                                 "local_fea.edge_threshold=12.5", "merge.branches=[global]"])
+    commented_out = tmp_path / "my.yaml"
+    commented_out.write_text("merge:\n  # method: max\n")  # a section with no key left
+    assert load_config(commented_out)["merge"] == load_config()["merge"]
 
 
 def test_an_invalid_value_stops_a_stage_with_one_line(photos: Path, tmp_path: Path) -> None:

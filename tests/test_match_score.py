@@ -128,3 +128,15 @@ def test_visualize_draws_a_verified_pair(tmp_path: Path) -> None:
     assert green > 500  # inlier lines were drawn
     with pytest.raises(UserError, match="not in"):
         visualize.main(conf, "nope", ref_id, queries, refs, tmp_path)
+
+
+def test_calibration_verifies_without_a_score_model(tmp_path: Path) -> None:
+    """Fitting a new score model must not need one (the missing model's error named the very
+    command that was failing)."""
+    from match_score import calibrate
+
+    conf = load_config(overrides=[f"match_score.score_model={tmp_path / 'none.json'}"])
+    rows = calibrate.run_local_branch(conf, DATA, tmp_path / "work")
+    assert rows and "score" not in rows[0]
+    keys = [(r["query_id"], r["reference_id"], r["view"]) for r in rows]
+    assert keys == sorted(keys) and any(int(r["inliers"]) > 0 for r in rows)

@@ -311,6 +311,20 @@ def test_a_failed_report_leaves_the_previous_one(tmp_path: Path,
     assert [p.name for p in work.iterdir() if p.name.startswith("report")] == ["report"]
 
 
+def test_an_existing_folder_that_is_no_report_is_never_replaced(tmp_path: Path) -> None:
+    """``--out`` naming a folder of the user's (or the work folder itself) is refused: a
+    report replaces its whole folder."""
+    work = fake_run(tmp_path / "work", [("Q1", "R1", 0.9)])
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for out in (mine, work):
+        with pytest.raises(UserError, match="not a report folder"):
+            report.main(work, out=out)
+    assert (mine / "notes.txt").read_text() == "keep me" and (work / "pipeline.json").exists()
+    assert report.main(work, out=tmp_path / "new").exists()
+
+
 @pytest.mark.parametrize("content", [None, "{not json", "[]", '{"queries": "q"}'])
 def test_missing_or_unreadable_record_is_a_one_line_error(tmp_path: Path,
                                                          content: str | None) -> None:

@@ -9,21 +9,27 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from common import UserError
 from common.io import is_stale_tmp
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
+MARKER = ".copydet-report"  # in every report folder: only such a folder is ever replaced
 
 
 @contextlib.contextmanager
 def building(out: Path) -> Iterator[Path]:
     """A fresh temporary folder beside ``out``, renamed onto ``out`` if the block succeeds."""
+    if out.exists() and not (out / MARKER).is_file():
+        raise UserError(f"{out} exists and is not a report folder: give another --out (a "
+                        "report replaces its whole folder)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f"{out.name}.tmp-*"):
-        if is_stale_tmp(stale):  # a killed build's folder
+    for stale in [*out.parent.glob(f"{out.name}.tmp-*"), *out.parent.glob(f"{out.name}.old-*")]:
+        if is_stale_tmp(stale.with_name(stale.name.replace(".old-", ".tmp-"))):  # killed build
             shutil.rmtree(stale, ignore_errors=True)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    (tmp / MARKER).write_text("a report of copydet: this folder is replaced by the next one\n")
     try:
         yield tmp
         old = out.with_name(f"{out.name}.old-{os.getpid()}")

@@ -24,7 +24,6 @@ STAGE_SECTIONS = {
     "local_fea.search": ("local_search",),
     "match_score.verify": ("match_score",),
     "preprocess.detect": ("preprocess",),
-    "preprocess.crop_local": ("preprocess", "local_fea", "local_search", "match_score"),
     "global_fea.extract": ("global_fea",),
     "global_fea.search": ("global_search",),
     "merge.fuse": ("merge",),
