@@ -44,8 +44,10 @@ def _features(root: str, revision: str) -> LocalFeatures:
     return LocalFeatures(root)
 
 
-def features_of(root: str | Path) -> LocalFeatures:
-    return _features(str(root), ShardStore(root).revision)
+def features_of(root: str | Path, revision: str | None = None) -> LocalFeatures:
+    """The features of the store at ``root``; give its ``revision`` when known (reading the
+    manifest of a million references for it, chunk after chunk, is not free)."""
+    return _features(str(root), revision or ShardStore(root).revision)
 
 
 def candidate_pairs(candidates: Path | list[dict[str, str]]) -> list[tuple[str, str, str, str]]:
@@ -58,11 +60,12 @@ def candidate_pairs(candidates: Path | list[dict[str, str]]) -> list[tuple[str, 
 def verify_chunk(
     chunk: tuple[int, list[tuple[str, str, str, str]]], queries: str, references: str,
     conf: dict[str, Any], feature_short_side: int, out_dir: Path,
+    revisions: tuple[str | None, str | None] = (None, None),
 ) -> int:
     """Verify one chunk of pairs and write its rows; return the chunk index."""
     limit_threads()
     index, pairs = chunk
-    qf, rf = features_of(queries), features_of(references)
+    qf, rf = features_of(queries, revisions[0]), features_of(references, revisions[1])
     rows = []
     for query_id, ref_id, view, votes in pairs:
         result = verify_view(qf, rf, query_id, ref_id, view, conf, feature_short_side)
@@ -100,7 +103,8 @@ def verify_pairs(
     todo = [c for c, p in zip(chunks, parts, strict=True) if not p.exists()]
     work = functools.partial(
         verify_chunk, queries=str(queries), references=str(references), conf=conf[STAGE],
-        feature_short_side=conf["local_fea"]["short_side"], out_dir=out_dir)
+        feature_short_side=conf["local_fea"]["short_side"], out_dir=out_dir,
+        revisions=(ShardStore(queries).revision, ShardStore(references).revision))
     for _ in parallel_map(work, todo, n_jobs=conf["run"]["n_jobs"], desc=desc, unit="pair",
                           total=sum(len(c[1]) for c in todo),
                           weight=lambda i: len(chunks[i][1])):
