@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import functools
 import itertools
 import shutil
@@ -46,6 +45,7 @@ import numpy as np
 import torch
 
 from common.config import REPO_ROOT, load_config
+from common.io import read_csv
 from common.parallel import resolve_n_jobs
 from common.torch_knn import IP, L2, TorchFlatIndex
 
@@ -365,19 +365,16 @@ def check_detect(conf: dict, devices: Sequence[str], paths: Sequence[str],
 def run_demo(conf: Sequence[str], work: Path) -> Path:
     """Run the whole pipeline on the demo data with the overrides ``conf`` (``key=value``)
     into ``work``; return its submission CSV. The one place that knows the command."""
+    out = work / "submission.csv"
     cmd = [sys.executable, "-m", "pipeline", "run", "--queries", "data/queryimages",
-           "--references", "data/referenceimages", "--work", str(work)]
+           "--references", "data/referenceimages", "--work", str(work), "--out", str(out)]
     cmd += [arg for item in conf for arg in ("-o", item)]
     subprocess.run(cmd, check=True, cwd=REPO_ROOT)
-    found = sorted(work.rglob("submission*.csv"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise FileNotFoundError(f"no submission CSV under {work}")
-    return found[-1]
+    return out
 
 
 def read_scores(path: Path) -> dict[tuple[str, str], float]:
-    with open(path, newline="") as f:
-        return {(r["query_id"], r["reference_id"]): float(r["score"]) for r in csv.DictReader(f)}
+    return {(r["query_id"], r["reference_id"]): float(r["score"]) for r in read_csv(path)}
 
 
 def compare_submissions(reference: dict[tuple[str, str], float],

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from common import UserError
+from common.shards import ShardStore
 
 RECORD = "pipeline.json"
 REQUIRED = ("queries", "references", "config", "stages", "branches", "submission")
@@ -65,12 +66,12 @@ def count_rows(path: Path) -> int:
 
 
 def _store_count(folder: Path) -> int | None:
-    """Images of a feature store (removed ones left out), from its manifest."""
+    """Images of a feature store (removed ones left out), or None where there is none."""
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-        return len(manifest["paths"]) - len(manifest.get("removed", []))
-    except (OSError, ValueError, KeyError, TypeError):
+        store = ShardStore(folder)
+    except (UserError, OSError, ValueError):
         return None
+    return len(store) - len(store.removed)
 
 
 def count_output(path: Path) -> tuple[int | None, str]:
