@@ -5,7 +5,8 @@
 Both run in this process, on the same images, with the same number of threads:
 
 - bare: for each batch, PIL decode + RGB + resize to S x S, a tensor, normalisation, and
-  the timm model's forward pass with GeM pooling (what any script would do);
+  the network's forward pass in the runtime the stage uses (``global_fea.runtime``: ONNX
+  Runtime or torch), nothing else;
 - stage: ``global_fea.extract.extract_set`` into a fresh work folder (robust decoding,
   DataLoader, shards written atomically, skip reports, logs).
 
@@ -19,6 +20,7 @@ import argparse
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +29,22 @@ from PIL import Image
 
 from common.config import REPO_ROOT, load_config
 from common.images import list_images
-from global_fea import extract, weights
-from global_fea.model import gem
+from global_fea import extract, runtime, weights
 
 
-def bare_pass(paths: list[Path], model, size: int, batch: int, mean, std,
-              mirror: bool = False) -> int:
-    """Decode, resize and describe ``paths`` (and their mirror images) in batches; return the
-    number of descriptors."""
+def network(section: dict, folder: Path, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The descriptor network as the stage runs it on CPU (``global_fea.runtime``): normalised
+    NCHW batch -> descriptors (an ONNX export goes to ``folder``)."""
+    model = weights.build(section)
+    if runtime.use_onnx(section, torch.device("cpu")):
+        return runtime.OnnxDescriptor(model, folder, threads)
+    return model
+
+
+def bare_pass(paths: list[Path], net: Callable[[torch.Tensor], torch.Tensor], size: int,
+              batch: int, mean, std, mirror: bool = False) -> int:
+    """Decode, resize and describe ``paths`` (and their mirror images) in batches with
+    ``net``; return the number of descriptors."""
     done = 0
     mean = torch.tensor(mean).view(1, 3, 1, 1)
     std = torch.tensor(std).view(1, 3, 1, 1)
@@ -45,7 +55,7 @@ def bare_pass(paths: list[Path], model, size: int, batch: int, mean, std,
             x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
             x = (x - mean) / std
             for view in (x, x.flip(3)) if mirror else (x,):
-                done += len(gem(model.forward_features(view), 3.0, (2, 3)))
+                done += len(net(view.contiguous()))
     return done
 
 
@@ -73,13 +83,13 @@ def main() -> None:
             src = sources[i % len(sources)]
             paths.append(folder / f"{i:05d}{src.suffix}")
             shutil.copy(src, paths[-1])
-        model = weights.build(section).backbone
+        net = network(section, tmp / "network", args.threads)
         size, batch = section["image_size"], section["batch_size"]
-        bare_pass(paths[:batch], model, size, batch, section["mean"], section["std"])  # warm-up
+        bare_pass(paths[:batch], net, size, batch, section["mean"], section["std"])  # warm-up
         best = {"bare": np.inf, "stage": np.inf}
         for r in range(args.repeats):
             start = time.perf_counter()
-            bare_pass(paths, model, size, batch, section["mean"], section["std"])
+            bare_pass(paths, net, size, batch, section["mean"], section["std"])
             best["bare"] = min(best["bare"], time.perf_counter() - start)
             work = tmp / f"work{r}"
             start = time.perf_counter()

@@ -5,10 +5,11 @@
 Runs ``python -m pipeline run`` (every branch, the defaults) and prints each stage's wall time,
 CPU time, throughput and peak memory (from the run record, ``pipeline.json``). Then the
 floor, with the same number of cores: a bare decode + SIFT loop over the same images (the
-queries with their mirror view and their keypoint budget), a bare forward of the same network
+queries with their keypoint budget; the stage derives their mirror view without a second
+SIFT), a bare forward of the same network in the stage's runtime (``global_fea.runtime``)
 over them (queries twice: mirrored too), and a bare Faiss search of the same query
 descriptors in the populated index. ``pipeline / floor`` is what everything around the
-extraction costs. Defaults to ../shared/devset.
+extraction costs. Defaults to ../shared/devset; ``data.make_timing_set`` builds a larger set.
 """
 
 from __future__ import annotations
@@ -26,13 +27,12 @@ import numpy as np
 import torch
 
 from bench.bare_sift import bare_loop
-from bench.bench_global import bare_pass
+from bench.bench_global import bare_pass, network
 from bench.memory import measure
 from common.config import REPO_ROOT, load_config
 from common.images import list_images
 from common.parallel import resolve_n_jobs
 from common.shards import ShardStore
-from global_fea import weights
 from local_fea import search
 from local_fea.index import load_index
 from local_fea.search import query_block
@@ -49,20 +49,23 @@ def sift_floor(conf: dict, queries: list[Path], refs: list[Path], n_jobs: int) -
     section = conf["local_fea"]
     chunks = [(refs[i::n_jobs], section["short_side"], section["max_keypoints"], False)
               for i in range(n_jobs)]
-    chunks += [(queries[i::n_jobs], section["short_side"], section["query_max_keypoints"], True)
-               for i in range(n_jobs)]
+    chunks += [(queries[i::n_jobs], section["short_side"], section["query_max_keypoints"], False)
+               for i in range(n_jobs)]  # the stage derives the mirror view: no second SIFT
     start = time.perf_counter()
     with Pool(n_jobs) as pool:
         pool.map(_sift_chunk, chunks, chunksize=1)
     return time.perf_counter() - start
 
 
-def forward_floor(conf: dict, queries: list[Path], refs: list[Path], n_jobs: int) -> float:
-    """Seconds of a bare decode + forward of the global network over both sets."""
+def forward_floor(conf: dict, queries: list[Path], refs: list[Path], n_jobs: int,
+                  work: Path) -> float:
+    """Seconds of a bare decode + forward of the global network (in the stage's runtime) over
+    both sets."""
     section = conf["global_fea"]
     torch.set_num_threads(n_jobs)
-    model = weights.build(section).backbone.eval().to(memory_format=torch.channels_last)
-    args = (model, section["image_size"], section["batch_size"], section["mean"], section["std"])
+    net = network(section, work / "floor-network", n_jobs)
+    net(torch.zeros(1, 3, section["image_size"], section["image_size"]))  # load, first call
+    args = (net, section["image_size"], section["batch_size"], section["mean"], section["std"])
     start = time.perf_counter()
     bare_pass(refs, *args)
     bare_pass(queries, *args, mirror=True)
@@ -84,6 +87,15 @@ def search_floor(conf: dict, record: dict, work: Path, n_jobs: int) -> float:
     return time.perf_counter() - start
 
 
+def stage_images(stage: dict, n_queries: int, n_refs: int) -> int:
+    """Images a recorded stage went through: a feature store's own (references, queries,
+    crops), both sets for the global descriptors, else the queries."""
+    output = Path(stage["output"])
+    if (output / "manifest.json").exists():
+        return len(ShardStore(output))
+    return n_queries + n_refs if stage["stage"] == "global_fea.extract" else n_queries
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--queries", type=Path, default=DEVSET / "queries")
@@ -102,19 +114,19 @@ def main() -> None:
         raise SystemExit(f"the pipeline failed (exit {run.returncode})")
     record = json.loads((work / "pipeline.json").read_text())
     print(f"pipeline on {args.queries} x {args.references}, {n_jobs} cores")
-    print(f"  {'stage':44s} {'wall s':>8s} {'CPU s':>8s} {'peak MB':>8s}")
+    queries = list(list_images(args.queries).paths)
+    refs = list(list_images(args.references).paths)
+    print(f"  {'stage':44s} {'wall s':>8s} {'CPU s':>8s} {'img/s':>8s} {'peak MB':>8s}")
     for stage in record["stages"]:
         name = f"{stage['stage']} {stage['label']}"
+        rate = stage_images(stage, len(queries), len(refs)) / max(stage["seconds"], 1e-9)
         print(f"  {name[:44]:44s} {stage['seconds']:8.1f} {stage['cpu_seconds']:8.1f} "
-              f"{stage['peak_rss_mb']:8.0f}")
+              f"{rate:8.1f} {stage['peak_rss_mb']:8.0f}")
     total = sum(s["seconds"] for s in record["stages"])
     print(f"  {'all stages':44s} {total:8.1f}   (whole run {run.seconds:.1f} s, peak "
           f"{run.peak_rss_mb:.0f} MB)")
-
-    queries = list(list_images(args.queries).paths)
-    refs = list(list_images(args.references).paths)
     floor = {"decode + SIFT": sift_floor(conf, queries, refs, n_jobs),
-             "decode + forward": forward_floor(conf, queries, refs, n_jobs),
+             "decode + forward": forward_floor(conf, queries, refs, n_jobs, work),
              "Faiss search": search_floor(conf, record, work, n_jobs)}
     n_images = len(queries) + len(refs)
     print(f"floor, same images, {n_jobs} cores")

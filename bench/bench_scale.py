@@ -48,7 +48,8 @@ K, C = 10, 5
 DEFAULT = "IVF4096,PQ64x4fs"
 # (factory string, nprobe): the shipped default first
 COMPARED = [(DEFAULT, 8), (DEFAULT, 16), (DEFAULT, 32), ("IVF4096,PQ32x4fs", 16),
-            ("IVF4096,SQ8", 16), ("IVF16384,PQ64x4fs", 64)]
+            ("IVF4096,SQ8", 16), ("IVF16384,PQ64x4fs", 64), ("IVF1024,PQ64x4fs", 4),
+            ("IVF4096_HNSW32,PQ64x4fs", 16)]
 
 
 # ---------------------------------------------------------------- synthetic references

@@ -81,6 +81,7 @@ RULES: dict[str, Rule] = {
     "global_fea.batch_size": COUNT,
     "global_fea.workers": Rule(kind=(int,), low=0, also=("auto",)),
     "global_fea.device": DEVICE,
+    "global_fea.runtime": Rule(choices=("auto", "torch", "onnx")),
     "global_search.k": COUNT,
     "global_search.norm_k": COUNT,
     "global_search.norm_beta": Rule(low=0),

@@ -43,7 +43,7 @@ from common.logs import RunLog, start_run
 from common.parallel import resolve_n_jobs
 from common.shards import ShardStore
 from global_fea import codec as whitening
-from global_fea import weights
+from global_fea import runtime, weights
 from global_fea.model import GlobalDescriptor
 
 STAGE = "global_fea"
@@ -72,8 +72,9 @@ def device_of(section: dict[str, Any]) -> torch.device:
 def loader_workers(section: dict[str, Any], device: torch.device | Sequence[torch.device],
                    n_jobs: int | None) -> int:
     """DataLoader workers: ``global_fea.workers``, or (auto) all cores (up to 8 per GPU) next
-    to GPUs and none on CPU: there decoding is ~5% of the time and the forward pass uses every
-    core, so worker processes only add their start-up and contention (``bench.bench_global``)."""
+    to GPUs and none on CPU: there the forward pass uses every core, so a decoding worker (a
+    process, or a thread) only adds contention (devset references, 2 cores, ONNX Runtime:
+    24.9 s without, 27.4 s with a worker process, 26.1 s with a decoding thread)."""
     devices = [device] if isinstance(device, torch.device) else list(device)
     if section["workers"] != "auto":
         return int(section["workers"])
@@ -107,7 +108,10 @@ class ImageFolderData(Dataset):
         return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))), reason
 
 
-def describe_batch(model: GlobalDescriptor, images: torch.Tensor, mirror: bool,
+Network = GlobalDescriptor | runtime.OnnxDescriptor
+
+
+def describe_batch(model: Network, images: torch.Tensor, mirror: bool,
                    device: torch.device) -> tuple[np.ndarray, np.ndarray | None]:
     """(descriptors, mirrored descriptors or None) of one uint8 batch, on ``model``'s device
     (``device``: made current, with float16 autocast, on CUDA)."""
@@ -122,7 +126,7 @@ def describe_batch(model: GlobalDescriptor, images: torch.Tensor, mirror: bool,
 
 
 def describe_batches(
-    model: GlobalDescriptor | Sequence[GlobalDescriptor], paths: Sequence[str],
+    model: Network | Sequence[Network], paths: Sequence[str],
     section: dict[str, Any], mirror: bool, device: torch.device | Sequence[torch.device],
     workers: int,
 ) -> Iterator[tuple[np.ndarray, np.ndarray | None, list[str]]]:
@@ -132,7 +136,7 @@ def describe_batches(
     go round-robin to the devices, each device run by its own thread, a few batches ahead;
     results still come in the order of ``paths``.
     """
-    models = [model] if isinstance(model, GlobalDescriptor) else list(model)
+    models = [model] if isinstance(model, Network) else list(model)
     devices = [device] if isinstance(device, torch.device) else list(device)
     if len(models) != len(devices):
         raise ValueError(f"{len(models)} model(s) for {len(devices)} device(s)")
@@ -198,7 +202,11 @@ def describe_shards(store: ShardStore, todo: list[int], section: dict[str, Any],
         torch.set_num_threads(resolve_n_jobs(n_jobs))
     model = weights.build(section)
     models = [copy.deepcopy(model).to(d) for d in devices[1:]]
-    models.insert(0, model.to(devices[0]))
+    if runtime.use_onnx(section, devices[0]):
+        models.insert(0, runtime.OnnxDescriptor(model, store.root.parent,
+                                                resolve_n_jobs(n_jobs)))
+    else:
+        models.insert(0, model.to(devices[0]))
     if len(devices) > 1:
         run.logger.info("global descriptors on %d devices: %s", len(devices),
                         ", ".join(map(str, devices)))

@@ -51,21 +51,49 @@ def rootsift(
     return kpts, np.clip(np.rint(desc, out=desc), 0, 255).astype(np.uint8)
 
 
+def _mirror_order() -> np.ndarray:
+    """Descriptor permutation that turns a SIFT descriptor into that of the mirror image.
+
+    OpenCV lays a descriptor out as 4 x 4 spatial bins (rows along the keypoint's
+    orientation) x 8 orientation bins. Mirroring the image reflects each keypoint's frame
+    about its orientation axis: spatial rows run the other way and orientation bin ``o``
+    becomes ``-o`` (mod 8)."""
+    bins = np.arange(128).reshape(4, 4, 8)
+    return bins[::-1][:, :, -np.arange(8) % 8].ravel()
+
+
+MIRROR_ORDER = _mirror_order()
+
+
+def mirror_view(kpts: np.ndarray, desc: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The SIFT features of the mirror image from those of an image ``width`` pixels wide (as
+    ``rootsift`` returned them): the same keypoints reflected, their descriptors permuted.
+    Equal to describing the flipped image for the keypoints both find (over 90% of them), at
+    no extra cost. OpenCV's keypoints sit a quarter pixel right of the pixel-centre grid (its
+    first octave is upsampled twice), so x maps to ``width - 0.5 - x``."""
+    out = kpts.copy()
+    out[:, 0] = width - 0.5 - kpts[:, 0]
+    out[:, 3] = (180.0 - kpts[:, 3]) % 360.0
+    return out, desc[:, MIRROR_ORDER]
+
+
 def extract_image(path: str | Path, conf: dict[str, Any], mirror: bool) -> ImageFeatures:
     """Decode, downscale to ``short_side`` and describe one image.
 
-    ``mirror`` describes it as a query: its mirror image too, with the query keypoint budget
-    (a pasted or overlaid copy may hold few of the image's strongest keypoints)."""
+    ``mirror`` describes it as a query: its mirror image too (``mirror_view``), with the query
+    keypoint budget (a pasted or overlaid copy may hold few of the image's strongest
+    keypoints)."""
     budget = conf["query_max_keypoints"] if mirror else conf["max_keypoints"]
     gray, (width, height) = read_image(path, "L", conf["short_side"], conf["max_pixels"])
     small = resize_short_side(gray, conf["short_side"])
     scale = np.array([width / small.shape[1], height / small.shape[0]], np.float32)
-    views = {}
-    for view in VIEWS if mirror else VIEWS[:1]:
-        kpts, desc = rootsift(small if view == "orig" else cv2.flip(small, 1), conf, budget)
+    kpts, desc = rootsift(small, conf, budget)
+    views = {"orig": (kpts, desc)}
+    if mirror:
+        views["mirror"] = mirror_view(kpts, desc, small.shape[1])
+    for kpts, _ in views.values():
         kpts[:, :2] = (kpts[:, :2] + 0.5) * scale - 0.5  # pixel centres, full resolution
         kpts[:, 2] *= scale.mean()
-        views[view] = (kpts, desc)
     return ImageFeatures((width, height), views, resize_long_side(small, conf["thumb_side"]))
 
 

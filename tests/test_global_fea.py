@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from common import UserError
 from common.config import REPO_ROOT, load_config
-from global_fea import codec, extract, search, weights, whiten
+from global_fea import codec, extract, runtime, search, weights, whiten
 from global_fea.model import GlobalDescriptor, ModelConf
 from tests.conftest import DATA, demo_references
 
@@ -182,3 +182,34 @@ def test_normalisation_pushes_down_queries_close_to_training_photos() -> None:
     assert by_pair[(0, 0)][3] == 1
     assert by_pair[(1, 2)][2] > by_pair[(0, 1)][2]
     assert search.norm_offsets(generic, bank, 2, 0.0, gpu=False).tolist() == [0.0]
+
+
+def test_onnx_runtime_gives_the_torch_descriptors_of_real_images(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    section = {**load_config()["global_fea"], "runtime": "onnx", "device": "cpu"}
+    model = weights.build(section)
+    paths = [str(p) for p in demo_references()[:6]]
+    images = torch.from_numpy(np.stack([extract.load_square(p, 224, 10**8) for p in paths])
+                              .transpose(0, 3, 1, 2).copy())
+    expected, expected_flip = extract.describe_batch(model, images, True, torch.device("cpu"))
+    onnx = runtime.OnnxDescriptor(model, tmp_path, threads=1)
+    (exported,) = tmp_path.glob("network-*.onnx")
+    got, got_flip = extract.describe_batch(onnx, images, True, torch.device("cpu"))
+    for a, b in ((got, expected), (got_flip, expected_flip)):
+        assert a.shape == b.shape == (6, model.dim)
+        assert (a * b).sum(1).min() > 0.9999  # unit vectors: cosine
+    assert not np.allclose(got, got_flip, atol=1e-3)  # the mirror view is its own input
+    again = runtime.OnnxDescriptor(model, tmp_path, threads=1)  # the exported file is reused
+    assert exported.stat().st_mtime_ns == next(tmp_path.glob("network-*.onnx")).stat().st_mtime_ns
+    assert np.array_equal(extract.describe_batch(again, images, False, torch.device("cpu"))[0],
+                          got)
+
+
+def test_runtime_choice_follows_the_setting_and_the_device() -> None:
+    pytest.importorskip("onnxruntime")
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert runtime.use_onnx({"runtime": "auto"}, cpu)
+    assert not runtime.use_onnx({"runtime": "auto"}, gpu)
+    assert not runtime.use_onnx({"runtime": "torch"}, cpu)
+    with pytest.raises(UserError, match="CPU only"):
+        runtime.use_onnx({"runtime": "onnx"}, gpu)

@@ -55,6 +55,14 @@ def test_mirror_view_describes_the_flipped_image(tmp_path: Path, conf) -> None:
     qi, ri, _ = ratio_matches(dm, df, 1.8)
     assert len(qi) > 0.5 * len(dm)
     assert np.median(np.linalg.norm(km[qi, :2] - kf[ri, :2], axis=1)) < 1.0
+    # the mirror view is derived, not described again: most keypoints are the very ones
+    # SIFT finds in the flipped image, with the same descriptors
+    turn = np.abs((km[:, None, 3] - kf[None, :, 3] + 180) % 360 - 180)  # degrees
+    gap = np.linalg.norm(km[:, None, :3] - kf[None, :, :3], axis=2) + (turn > 1) * 1e3
+    same, nearest = gap.min(axis=1) < 0.5, gap.argmin(axis=1)  # full-resolution pixels
+    assert same.mean() > 0.8
+    cos = (dm[same].astype(float) * df[nearest[same]]).sum(1) / ROOTSIFT_SCALE**2
+    assert np.median(cos) > 0.999
 
 
 def test_bad_inputs_are_skipped_and_reported(tmp_path: Path, photos: Path, conf) -> None:

@@ -33,6 +33,34 @@ def test_vote_soft_ratio_weights_and_one_vote_per_descriptor() -> None:
     assert out[2:] == [(1, 5, pytest.approx(1 - 3 / 3.5), 0)]
 
 
+def test_vote_equals_a_plain_count_per_query_view() -> None:
+    rng = np.random.default_rng(3)
+    n, k = 3000, 10
+    units = np.sort(rng.integers(0, 40, n))
+    dist = np.sort(rng.random((n, k)), axis=1).astype(np.float32)
+    images = rng.integers(0, 60, (n, k))
+    ids = np.where(rng.random((n, k)) < 0.05, -1, (images << ROW_BITS) | 3)
+    votes: dict[int, dict[int, float]] = {}
+    for unit, d, row in zip(units, dist, ids, strict=True):
+        found = row >= 0
+        far = d[found].max() if found.any() else 0
+        seen = set()
+        for dj, i in zip(d, row, strict=True):
+            image = int(i >> ROW_BITS)
+            if i < 0 or image in seen or far <= 0:
+                continue
+            seen.add(image)
+            votes.setdefault(int(unit), {}).setdefault(image, 0.0)
+            votes[int(unit)][image] += max(0.0, 1 - float(dj) / float(far))
+    expected = []
+    for unit in sorted(votes):
+        ranked = sorted((-v, image) for image, v in votes[unit].items() if v > 0)[:5]
+        expected += [(unit, image, -v, rank) for rank, (v, image) in enumerate(ranked)]
+    got = search.vote(units, dist, ids, candidates=5)
+    assert [(u, r, rank) for u, r, _, rank in got] == [(u, r, rank) for u, r, _, rank in expected]
+    assert np.allclose([v for *_, v, _ in got], [v for *_, v, _ in expected])
+
+
 def test_ids_round_trip() -> None:
     ids = encode_ids(12345, 3)
     assert decode_images(np.append(ids, -1)).tolist() == [12345] * 3 + [-1]
