@@ -60,13 +60,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--refs", type=int, default=8000)
     parser.add_argument("--positives", type=int, default=1000)
     parser.add_argument("--distractors", type=int, default=1000)
+    parser.add_argument("--backgrounds", type=int, default=200,
+                        help="pool photos left over for the pasting edits' backgrounds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="overwrite an existing benchmark")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        # backgrounds for onto_bg / occlude come from what the draw leaves over
-        size = args.refs + args.distractors + 200
+        size = args.refs + args.distractors + args.backgrounds
         pool = grow_pool(args.photos, args.out / "pool", size, args.seed)
         make_benchmark(pool, args.out, args.refs, args.positives, args.distractors, args.seed,
                        force=args.force)

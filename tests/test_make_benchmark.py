@@ -165,3 +165,26 @@ def test_too_few_photos_is_an_error(source, tmp_path):
         shutil.copy(path, small / path.name)
     with pytest.raises(ValueError):
         make_benchmark(small, tmp_path / "bench", 3, 2, 1, seed=0)
+
+
+def test_timing_set_grows_the_photos_into_a_larger_benchmark(source, tmp_path):
+    from data import make_timing_set
+
+    out = tmp_path / "timing"
+    assert make_timing_set.main(["--photos", str(source), "--out", str(out), "--refs", "14",
+                                 "--positives", "4", "--distractors", "4",
+                                 "--backgrounds", "2"]) == 0
+    pool = sorted((out / "pool").glob("*.jpg"))
+    assert len(pool) == 20  # 10 readable photos, then 10 edited variants of them
+    originals = sorted(source.glob("p*.jpg"))
+    assert np.array_equal(_load(pool[0]).shape, _load(originals[0]).shape)
+    assert _load(pool[10]).shape != _load(pool[0]).shape or \
+        np.abs(_load(pool[10]) - _load(pool[0])).mean() > 2  # a variant, not a copy
+    gt = read_csv(out / "gt.csv")
+    assert len(list((out / "referenceimages").glob("*.jpg"))) == 14
+    assert len(gt) == 8 and sum(bool(r["reference_id"]) for r in gt) == 4
+    before = {p.name: p.stat().st_mtime_ns for p in pool}
+    assert make_timing_set.main(["--photos", str(source), "--out", str(out), "--refs", "14",
+                                 "--positives", "4", "--distractors", "4",
+                                 "--backgrounds", "2", "--force"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "pool").glob("*.jpg")} == before
