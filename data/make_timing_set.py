@@ -24,7 +24,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from common.config import digest
 from common.edits import random_chain
+from common.io import clean_stale_tmp
 from data.make_benchmark import load_photo, make_benchmark, readable_photos, save_jpeg
 
 log = logging.getLogger(__name__)
@@ -32,13 +34,17 @@ log = logging.getLogger(__name__)
 VARIANT_EDITS = ("crop", "color", "scale", "aspect", "hflip", "jpeg")
 
 
-def grow_pool(folders: Sequence[Path], pool: Path, size: int, seed: int,
+def grow_pool(folders: Sequence[Path], out: Path, size: int, seed: int,
               max_side: int = 800) -> Path:
-    """Write ``size`` photos to ``pool``: the sources first, then edited variants of them."""
+    """Write ``size`` photos to a pool folder under ``out`` (named after what it is made of,
+    so a rerun resumes it and other settings get their own): the sources first, then edited
+    variants of them. Return the folder."""
     sources = [p for folder in folders for p in readable_photos(folder)]
     if not sources:
         raise ValueError(f"no readable photos in {', '.join(map(str, folders))}")
+    pool = out / f"pool-{digest([str(p.resolve()) for p in sources], size, seed, max_side)}"
     pool.mkdir(parents=True, exist_ok=True)
+    clean_stale_tmp(pool)
     for i in tqdm(range(size), desc="pool", unit="img"):
         target = pool / f"P{i:06d}.jpg"
         if target.exists():
@@ -68,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         size = args.refs + args.distractors + args.backgrounds
-        pool = grow_pool(args.photos, args.out / "pool", size, args.seed)
+        pool = grow_pool(args.photos, args.out, size, args.seed)
         make_benchmark(pool, args.out, args.refs, args.positives, args.distractors, args.seed,
                        force=args.force)
     except (FileExistsError, ValueError) as err:

@@ -202,14 +202,15 @@ def describe_shards(store: ShardStore, todo: list[int], section: dict[str, Any],
         torch.set_num_threads(resolve_n_jobs(n_jobs))
     model = weights.build(section)
     models = [copy.deepcopy(model).to(d) for d in devices[1:]]
-    if runtime.use_onnx(section, devices[0]):
-        models.insert(0, runtime.OnnxDescriptor(model, store.root.parent,
-                                                resolve_n_jobs(n_jobs)))
+    if devices[0].type == "cpu":
+        models.insert(0, runtime.cpu_network(model, section, store.root.parent,
+                                             resolve_n_jobs(n_jobs)))
     else:
+        runtime.use_onnx(section, devices[0])  # runtime=onnx on a GPU: one line, not a crash
         models.insert(0, model.to(devices[0]))
-    if len(devices) > 1:
-        run.logger.info("global descriptors on %d devices: %s", len(devices),
-                        ", ".join(map(str, devices)))
+    onnx = isinstance(models[0], runtime.OnnxDescriptor)
+    run.logger.info("global descriptors on %s, in %s", ", ".join(map(str, devices)),
+                    "ONNX Runtime" if onnx else "torch")
     tasks = store.tasks(todo)
     paths = [p for t in tasks for p in t.paths]
     batches = describe_batches(models, paths, section, mirror, devices,

@@ -85,11 +85,13 @@ class GlobalDescriptor(nn.Module):
             return feats.amax(dim=dims)
         return feats.mean(dim=dims)
 
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+    def preprocess(self, images: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
         """uint8 (N, 3, S, S) -> normalised float input on the model's device, channels-last
-        (its convolutions run about twice as fast so on CPU)."""
+        (torch's convolutions run about twice as fast so on CPU) or contiguous NCHW."""
         x = images.to(self.mean.device, non_blocking=True).float().div_(255.0)
-        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last if channels_last
+                            else torch.contiguous_format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = self.pool(self.backbone.forward_features(x))

@@ -68,12 +68,14 @@ MIRROR_ORDER = _mirror_order()
 def mirror_view(kpts: np.ndarray, desc: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
     """The SIFT features of the mirror image from those of an image ``width`` pixels wide (as
     ``rootsift`` returned them): the same keypoints reflected, their descriptors permuted.
-    Equal to describing the flipped image for the keypoints both find (over 90% of them), at
+    Equal to describing the flipped image for the keypoints both find (about 90 % of them), at
     no extra cost. OpenCV's keypoints sit a quarter pixel right of the pixel-centre grid (its
-    first octave is upsampled twice), so x maps to ``width - 0.5 - x``."""
+    first octave is the image upsampled 2x, with ``enable_precise_upscale`` off, the default),
+    so x maps to ``width - 0.5 - x``."""
     out = kpts.copy()
     out[:, 0] = width - 0.5 - kpts[:, 0]
-    out[:, 3] = (180.0 - kpts[:, 3]) % 360.0
+    angle = (180.0 - kpts[:, 3]) % 360.0
+    out[:, 3] = np.where(angle >= 360.0, 0.0, angle)  # float32 rounding can give 360
     return out, desc[:, MIRROR_ORDER]
 
 

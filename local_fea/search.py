@@ -72,6 +72,8 @@ def vote(
         weight[:, j][(refs[:, :j] == refs[:, j:j + 1]).any(axis=1)] = 0
     keep = weight.ravel() > 0
     # one int64 key per (unit, reference): a 1-D unique sorts ~15x faster than rows
+    if len(units) and (int(np.max(units)) >= 2**31 or int(refs.max(initial=0)) >= 2**32):
+        raise ValueError("vote: query views must number < 2^31 and references < 2^32")
     keys = (np.repeat(np.asarray(units, np.int64), refs.shape[1])[keep] << 32) | refs.ravel()[keep]
     pairs, inverse = np.unique(keys, return_inverse=True)
     votes = np.bincount(inverse.ravel(), weights=weight.ravel()[keep], minlength=len(pairs))

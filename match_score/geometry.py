@@ -38,7 +38,11 @@ class Verification:
 
 
 def ratio_matches(desc_q: np.ndarray, desc_r: np.ndarray, ratio: float) -> tuple[np.ndarray, ...]:
-    """Indices (query, reference) and squared distances of matches passing the ratio test."""
+    """Indices (query, reference) and squared distances of matches passing the ratio test.
+
+    The two nearest references are ranked by ``|r|^2 - 2 q.r`` (the query's own norm is the
+    same for all); for uint8 descriptors every sum is exact in float32, so the distances are
+    exact too."""
     if len(desc_q) == 0 or len(desc_r) < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     q = desc_q.astype(np.float32)

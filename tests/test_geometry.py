@@ -49,6 +49,25 @@ def test_ratio_matches_agree_with_brute_force() -> None:
     assert set(range(10)) <= set(qi.tolist())
 
 
+def test_ratio_matches_are_exact_with_ties_and_duplicate_references() -> None:
+    rng = np.random.default_rng(2)
+    q = rng.integers(0, 256, (30, 128)).astype(np.uint8)
+    r = rng.integers(0, 256, (20, 128)).astype(np.uint8)
+    r[0] = r[1] = q[0]  # a reference twice: its nearest and second nearest tie, no match
+    r[2] = q[1]
+    r[3] = q[1].astype(int) ^ 1  # q[1]: an exact copy, then a neighbour at distance 128
+    r[4], r[5] = q[2].astype(int) + 3, np.clip(q[2].astype(int) - 3, 0, 255)  # equidistant
+    r[4] = np.clip(r[4], 0, 255)
+    qi, ri, d1 = ratio_matches(q, r, 1.8)
+    full = ((q[:, None, :].astype(np.int64) - r[None, :, :]) ** 2).sum(-1)
+    two = np.sort(full, axis=1)[:, :2]
+    expected = np.flatnonzero(1.8 * two[:, 0] < two[:, 1])
+    np.testing.assert_array_equal(qi, expected)
+    assert 0 not in qi and 1 in qi
+    np.testing.assert_array_equal(d1, two[qi, 0])  # uint8 descriptors: exact distances
+    np.testing.assert_array_equal(full[qi, ri], two[qi, 0])
+
+
 def test_duplicate_positions_keep_the_closest_match() -> None:
     pts_q = np.array([[1.0, 1.0], [1.2, 0.9], [5.0, 5.0]])
     pts_r = np.array([[2.0, 2.0], [2.1, 2.2], [7.0, 7.0]])

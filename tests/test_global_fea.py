@@ -205,11 +205,44 @@ def test_onnx_runtime_gives_the_torch_descriptors_of_real_images(tmp_path: Path)
                           got)
 
 
-def test_runtime_choice_follows_the_setting_and_the_device() -> None:
-    pytest.importorskip("onnxruntime")
+def test_runtime_choice_follows_the_setting_the_device_and_what_is_installed(
+        monkeypatch) -> None:
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.setattr(runtime, "onnx_available", lambda: True)
     assert runtime.use_onnx({"runtime": "auto"}, cpu)
     assert not runtime.use_onnx({"runtime": "auto"}, gpu)
     assert not runtime.use_onnx({"runtime": "torch"}, cpu)
     with pytest.raises(UserError, match="CPU only"):
         runtime.use_onnx({"runtime": "onnx"}, gpu)
+    monkeypatch.setattr(runtime, "onnx_available", lambda: False)
+    assert not runtime.use_onnx({"runtime": "auto"}, cpu)  # torch, with a warning
+    with pytest.raises(UserError, match="pip install onnxruntime"):
+        runtime.use_onnx({"runtime": "onnx"}, cpu)
+
+
+def test_a_failed_export_runs_torch_under_auto_and_stops_under_onnx(tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    pytest.importorskip("onnxruntime")
+    model = GlobalDescriptor(ModelConf(image_size=64)).eval()
+
+    def broken(*_):
+        raise runtime.ExportError("torch.onnx.export failed: unsupported operator")
+
+    monkeypatch.setattr(runtime, "export", broken)
+    section = {"runtime": "auto"}
+    assert runtime.cpu_network(model, section, tmp_path, 1) is model
+    with pytest.raises(UserError, match="unsupported operator"):
+        runtime.cpu_network(model, {"runtime": "onnx"}, tmp_path, 1)
+
+
+def test_an_export_is_named_after_its_weights_and_checked_against_torch(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    one, two = (GlobalDescriptor(ModelConf(image_size=64)).eval() for _ in range(2))
+    assert runtime.onnx_path(one, tmp_path) == runtime.onnx_path(one, tmp_path)
+    assert runtime.onnx_path(one, tmp_path) != runtime.onnx_path(two, tmp_path)
+    # an export of other weights under this network's name is caught before any use
+    runtime.export(two, runtime.onnx_path(one, tmp_path))
+    with pytest.raises(runtime.ExportError, match="describes differently"):
+        runtime.OnnxDescriptor(one, tmp_path, 1)
+    assert runtime.cpu_network(one, {"runtime": "auto"}, tmp_path, 1) is one

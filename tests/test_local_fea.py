@@ -13,7 +13,7 @@ from PIL import Image
 
 from common.shards import ShardStore
 from local_fea import extract
-from local_fea.features import ROOTSIFT_SCALE, LocalFeatures, extract_image
+from local_fea.features import ROOTSIFT_SCALE, LocalFeatures, extract_image, mirror_view
 from match_score.geometry import ratio_matches
 from tests.conftest import DATA, demo_references, kill_midway, python
 
@@ -48,8 +48,10 @@ def test_mirror_view_describes_the_flipped_image(tmp_path: Path, conf) -> None:
     img = Image.open(demo_references()[2]).convert("RGB")
     img.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(tmp_path / "flipped.png")
     img.save(tmp_path / "orig.png")
-    both = extract_image(tmp_path / "orig.png", conf["local_fea"], mirror=True)
-    flipped = extract_image(tmp_path / "flipped.png", conf["local_fea"], mirror=False)
+    section = conf["local_fea"]
+    both = extract_image(tmp_path / "orig.png", section, mirror=True)
+    same_budget = {**section, "max_keypoints": section["query_max_keypoints"]}
+    flipped = extract_image(tmp_path / "flipped.png", same_budget, mirror=False)
     km, dm = both.views["mirror"]
     kf, df = flipped.views["orig"]
     qi, ri, _ = ratio_matches(dm, df, 1.8)
@@ -63,6 +65,22 @@ def test_mirror_view_describes_the_flipped_image(tmp_path: Path, conf) -> None:
     assert same.mean() > 0.8
     cos = (dm[same].astype(float) * df[nearest[same]]).sum(1) / ROOTSIFT_SCALE**2
     assert np.median(cos) > 0.999
+
+
+def test_mirror_view_twice_is_the_identity() -> None:
+    rng = np.random.default_rng(0)
+    kpts = np.c_[rng.uniform(0, 299, (50, 2)), rng.uniform(2, 20, 50),
+                 np.r_[0.0, 180.00002, rng.uniform(0, 360, 48)]].astype(np.float32)
+    desc = rng.integers(0, 256, (50, 128), dtype=np.uint8)
+    km, dm = mirror_view(kpts, desc, 300)
+    assert np.allclose(km[:, 0], 299.5 - kpts[:, 0]) and (km[:, 3] < 360).all()
+    assert not np.array_equal(dm, desc)
+    back, back_desc = mirror_view(km, dm, 300)
+    assert np.allclose(back[:, :3], kpts[:, :3], atol=1e-4)
+    assert np.allclose(np.cos(np.radians(back[:, 3] - kpts[:, 3])), 1, atol=1e-6)
+    assert np.array_equal(back_desc, desc)
+    empty = mirror_view(np.zeros((0, 4), np.float32), np.zeros((0, 128), np.uint8), 300)
+    assert empty[0].shape == (0, 4) and empty[1].shape == (0, 128)
 
 
 def test_bad_inputs_are_skipped_and_reported(tmp_path: Path, photos: Path, conf) -> None:

@@ -174,7 +174,8 @@ def test_timing_set_grows_the_photos_into_a_larger_benchmark(source, tmp_path):
     assert make_timing_set.main(["--photos", str(source), "--out", str(out), "--refs", "14",
                                  "--positives", "4", "--distractors", "4",
                                  "--backgrounds", "2"]) == 0
-    pool = sorted((out / "pool").glob("*.jpg"))
+    (folder,) = out.glob("pool-*")
+    pool = sorted(folder.glob("*.jpg"))
     assert len(pool) == 20  # 10 readable photos, then 10 edited variants of them
     originals = sorted(source.glob("p*.jpg"))
     assert np.array_equal(_load(pool[0]).shape, _load(originals[0]).shape)
@@ -187,4 +188,8 @@ def test_timing_set_grows_the_photos_into_a_larger_benchmark(source, tmp_path):
     assert make_timing_set.main(["--photos", str(source), "--out", str(out), "--refs", "14",
                                  "--positives", "4", "--distractors", "4",
                                  "--backgrounds", "2", "--force"]) == 0
-    assert {p.name: p.stat().st_mtime_ns for p in (out / "pool").glob("*.jpg")} == before
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.jpg")} == before
+    assert make_timing_set.main(["--photos", str(source), "--out", str(out), "--refs", "14",
+                                 "--positives", "4", "--distractors", "4",
+                                 "--backgrounds", "2", "--force", "--seed", "1"]) == 0
+    assert len(list(out.glob("pool-*"))) == 2  # another seed: another pool

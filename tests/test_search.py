@@ -61,6 +61,15 @@ def test_vote_equals_a_plain_count_per_query_view() -> None:
     assert np.allclose([v for *_, v, _ in got], [v for *_, v, _ in expected])
 
 
+def test_vote_of_nothing_is_nothing_and_too_large_numbers_are_refused() -> None:
+    none = search.vote(np.zeros(0, np.int64), np.zeros((0, 10), np.float32),
+                       np.zeros((0, 10), np.int64), candidates=5)
+    assert none == []
+    dist = np.array([[1.0, 2.0]], np.float32)
+    with pytest.raises(ValueError, match="2\\^32"):
+        search.vote(np.array([0]), dist, np.array([[(2**32 + 7) << ROW_BITS, 7 << ROW_BITS]]), 5)
+
+
 def test_ids_round_trip() -> None:
     ids = encode_ids(12345, 3)
     assert decode_images(np.append(ids, -1)).tolist() == [12345] * 3 + [-1]
