@@ -23,7 +23,6 @@ import argparse
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,31 +32,27 @@ from PIL import Image
 from common.config import REPO_ROOT, load_config
 from common.images import list_images
 from global_fea import extract, runtime, weights
+from global_fea.extract import Network
 
 
-def network(section: dict, folder: Path, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The descriptor network as the stage runs it on CPU (``global_fea.runtime``): normalised
-    NCHW batch -> descriptors (an ONNX export goes to ``folder``)."""
+def network(section: dict, folder: Path, threads: int) -> Network:
+    """The descriptor network as the stage runs it on CPU (``global_fea.runtime``; an ONNX
+    export goes to ``folder``)."""
     return runtime.cpu_network(weights.build(section), section, folder, threads)
 
 
-def bare_pass(paths: list[Path], net: Callable[[torch.Tensor], torch.Tensor], size: int,
-              batch: int, mean, std, mirror: bool = False) -> int:
+def bare_pass(paths: list[Path], net: Network, size: int, batch: int,
+              mirror: bool = False) -> int:
     """Decode, resize and describe ``paths`` (and their mirror images) in batches with
-    ``net``; return the number of descriptors."""
+    ``net`` (its own input normalisation); return the number of descriptors."""
     done = 0
-    mean = torch.tensor(mean).view(1, 3, 1, 1)
-    std = torch.tensor(std).view(1, 3, 1, 1)
     with torch.inference_mode():
         for start in range(0, len(paths), batch):
             arrays = [np.asarray(Image.open(p).convert("RGB").resize((size, size)))
                       for p in paths[start:start + batch]]
-            x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
-            x = (x - mean) / std
+            x = net.preprocess(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2))
             for view in (x, x.flip(3)) if mirror else (x,):
-                torch_net = isinstance(net, torch.nn.Module)  # its convolutions: channels-last
-                done += len(net(view.contiguous(
-                    memory_format=torch.channels_last if torch_net else torch.contiguous_format)))
+                done += len(net(view))
     return done
 
 
@@ -87,11 +82,11 @@ def main() -> None:
             shutil.copy(src, paths[-1])
         net = network(section, tmp / "network", args.threads)
         size, batch = section["image_size"], section["batch_size"]
-        bare_pass(paths[:batch], net, size, batch, section["mean"], section["std"])  # warm-up
+        bare_pass(paths[:batch], net, size, batch)  # warm-up
         best = {"bare": np.inf, "stage": np.inf}
         for r in range(args.repeats):
             start = time.perf_counter()
-            bare_pass(paths, net, size, batch, section["mean"], section["std"])
+            bare_pass(paths, net, size, batch)
             best["bare"] = min(best["bare"], time.perf_counter() - start)
             work = tmp / f"work{r}"
             network(section, extract.model_root(conf, work), args.threads)  # export: untimed

@@ -64,8 +64,8 @@ def forward_floor(conf: dict, queries: list[Path], refs: list[Path], n_jobs: int
     section = conf["global_fea"]
     torch.set_num_threads(n_jobs)
     net = network(section, work / "floor-network", n_jobs)
-    net(torch.zeros(1, 3, section["image_size"], section["image_size"]))  # load, first call
-    args = (net, section["image_size"], section["batch_size"], section["mean"], section["std"])
+    args = (net, section["image_size"], section["batch_size"])
+    bare_pass(refs[:section["batch_size"]], *args)  # warm-up: first calls
     start = time.perf_counter()
     bare_pass(refs, *args)
     bare_pass(queries, *args, mirror=True)

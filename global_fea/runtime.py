@@ -28,7 +28,6 @@ from global_fea.model import GlobalDescriptor
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("auto", "torch", "onnx")
 EXPORT_VERSION = 1  # bump when the export below changes
 MIN_COSINE = 0.9999  # ONNX Runtime against torch, on the check batch
 
