@@ -21,7 +21,7 @@ COPYDET := $(VENV)/bin/copydet
 ARGS = --work $(WORK) $(if $(CONFIG),--config $(CONFIG)) $(OPTS)
 
 .PHONY: install demo all eval report test lint gpu-check bench-pipeline bench bench-global bench-detect bench-scale capacity \
-	train-index calibrate train-split train-global global-assets calibrate-fusion \
+	train-index calibrate hard-sets lookalike-groups train-split train-global global-assets calibrate-fusion \
 	train-detector clean
 
 install: $(VENV)/.installed
@@ -108,6 +108,23 @@ train-global: train-split
 
 global-assets: train-split
 	$(COPYDET) global-assets --images $(WORK)/trainsplit/fit $(ARGS)
+
+# Harder benchmarks of our own, from the calib photos (nothing is fitted on them): look-alikes
+# (other photos of a reference's setting) and small pasted copies under overlays. Measure with
+# `make all eval QUERY=$(WORK)/lookalike/queryimages REF=$(WORK)/lookalike/referenceimages
+# GT=$(WORK)/lookalike/gt.csv` (README: Look-alikes and small copies).
+hard-sets: train-split
+	$(PY) -m data.make_lookalike --photos $(WORK)/trainsplit/calib --out $(WORK)/lookalike \
+		--made 60 --refs 150 --positives 150 --distractors 60 --seed 11 --force
+	$(PY) -m data.make_benchmark --photos $(WORK)/trainsplit/calib --out $(WORK)/smallcopy \
+		--refs 250 --positives 200 --distractors 100 --seed 10 --chain small_copy --force
+
+# The real look-alike groups (data/lookalike_groups.csv): the pipeline on the training photos
+# against themselves, pairs of different photos scoring >= 0.5, less data/same_photo.csv.
+lookalike-groups: install
+	$(COPYDET) run --queries $(TRAIN_PHOTOS) --references $(TRAIN_PHOTOS) --work $(WORK)/selftrain
+	$(PY) -m data.mine_lookalikes --work $(WORK)/selftrain --photos $(TRAIN_PHOTOS) \
+		--out data/lookalike_groups.csv
 
 calibrate-fusion: install
 	$(COPYDET) calibrate-fusion --photos $(TRAIN_PHOTOS) $(ARGS)

@@ -456,6 +456,30 @@ def screenshot(img: Image.Image, rng: Rng) -> Edited:
     return Edited(canvas, "screenshot", translation(side + margin, bar + margin) @ transform)
 
 
+def stripes(img: Image.Image, rng: Rng) -> Edited:
+    """Semi-opaque bands of flat colour (horizontal or vertical) over 15-40% of the image."""
+    w, h = img.size
+    horizontal = rng.random() < 0.5
+    side = h if horizontal else w
+    n = int(rng.integers(2, 7))
+    width = max(2, round(side * rng.uniform(0.15, 0.4) / n))
+    mask = Image.new("L", img.size, 0)
+    draw = ImageDraw.Draw(mask)
+    for start in rng.choice(max(1, side - width), n, replace=False):
+        box = (0, start, w, start + width) if horizontal else (start, 0, start + width, h)
+        draw.rectangle(box, fill=round(255 * rng.uniform(0.4, 0.9)))
+    return _identity(Image.composite(Image.new("RGB", img.size, _colour(rng)), img, mask),
+                     f"stripes{n}")
+
+
+def opacity(img: Image.Image, rng: Rng, backgrounds: Sequence[Path] = ()) -> Edited:
+    """Blend a photo (or a flat colour) over the whole image at 20-45% opacity."""
+    alpha = rng.uniform(0.2, 0.45)
+    top = (_photo(rng, backgrounds, img.size) if rng.random() < 0.6
+           else Image.new("RGB", img.size, _colour(rng)))
+    return _identity(Image.blend(img, top.resize(img.size), alpha), f"opacity{alpha:.2f}")
+
+
 # ---------------------------------------------------------------- registry and chains
 
 EDITS: dict[str, Callable[..., Edited]] = {
@@ -464,15 +488,19 @@ EDITS: dict[str, Callable[..., Edited]] = {
     "onto_bg": onto_bg, "color": color, "gray": gray, "blur": blur, "jpeg": jpeg,
     "noise": noise, "sharpen": sharpen, "pixelize": pixelize, "occlude": occlude,
     "text": text, "emoji": emoji, "meme": meme, "screenshot": screenshot,
+    "stripes": stripes, "opacity": opacity,
 }
+# What ``random_chain`` draws from by default: the kinds added later only when asked for, so
+# a benchmark built before them is the same for its seed.
+CHAIN_KINDS = tuple(k for k in EDITS if k not in {"stripes", "opacity"})
 GEOMETRIC = frozenset({"crop", "pad", "rotate", "rot90", "hflip", "vflip", "scale", "aspect",
                        "perspective", "onto_bg", "meme", "screenshot"})
-USES_BACKGROUNDS = frozenset({"onto_bg", "occlude"})
+USES_BACKGROUNDS = frozenset({"onto_bg", "occlude", "opacity"})
 WEIGHTS: dict[str, float] = {
     "crop": 3, "pad": 1.5, "rotate": 2, "rot90": 1, "hflip": 2, "vflip": 0.5, "scale": 2,
     "aspect": 1.2, "perspective": 1, "onto_bg": 2.5, "color": 2, "gray": 1.5, "blur": 1.5,
     "jpeg": 2, "noise": 1.5, "sharpen": 0.5, "pixelize": 0.7, "occlude": 1.5, "text": 2,
-    "emoji": 2, "meme": 1, "screenshot": 0.8,
+    "emoji": 2, "meme": 1, "screenshot": 0.8, "stripes": 1, "opacity": 1,
 }
 # Pairs that together would leave too little of the original (or nest frames in frames).
 INCOMPATIBLE = (
@@ -504,7 +532,7 @@ def random_chain(img: Image.Image, rng: Rng, backgrounds: Sequence[Path] = (),
                  n_edits: tuple[int, int] = (1, 3), kinds: Iterable[str] | None = None,
                  max_side: int = 1024) -> Edited:
     """Apply ``n_edits`` (inclusive range) random edits in sequence; cap the long side."""
-    names = list(EDITS) if kinds is None else list(kinds)
+    names = list(CHAIN_KINDS) if kinds is None else list(kinds)
     unknown = sorted(set(names) - set(EDITS))
     if unknown or not names:
         raise ValueError(f"unknown or no edit kinds: {unknown or names}")
@@ -512,3 +540,19 @@ def random_chain(img: Image.Image, rng: Rng, backgrounds: Sequence[Path] = (),
     for name in _pick(rng, names, int(rng.integers(n_edits[0], n_edits[1] + 1))):
         result = then(result, apply_edit(name, result.image, rng, backgrounds))
     return then(result, limit_size(result.image, max_side))
+
+
+def small_copy_chain(img: Image.Image, rng: Rng, backgrounds: Sequence[Path] = (),
+                     max_side: int = 1024) -> Edited:
+    """A small pasted copy: the image at 25-60% of another photo's side, maybe inside a meme
+    or screenshot frame, one or two overlays over the whole (stripes, opacity, pixelation,
+    noise, text, emoji), JPEG last; the long side capped."""
+    out = onto_bg(img, rng, backgrounds, frac_range=(0.25, 0.6))
+    frame = str(rng.choice(["", "meme", "screenshot"], p=[0.5, 0.25, 0.25]))
+    if frame:
+        out = then(out, apply_edit(frame, out.image, rng))
+    overlays = ["stripes", "opacity", "pixelize", "noise", "text", "emoji"]
+    for name in rng.choice(overlays, int(rng.integers(1, 3)), replace=False):
+        out = then(out, apply_edit(str(name), out.image, rng, backgrounds))
+    out = then(out, limit_size(out.image, max_side))
+    return then(out, apply_edit("jpeg", out.image, rng))

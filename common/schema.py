@@ -69,6 +69,7 @@ RULES: dict[str, Rule] = {
     "match_score.dense_blur": Rule(low=0),
     "match_score.dense_min_std": Rule(low=0),
     "match_score.dense_ncc": Rule(low=-1, high=1),
+    "match_score.coverage_grid": COUNT,
     "match_score.chunk_pairs": COUNT,
     "global_fea.weights": Rule(),
     "global_fea.pool": Rule(choices=("gem", "avg", "max")),

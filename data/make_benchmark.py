@@ -34,13 +34,14 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from common.edits import random_chain
+from common.edits import random_chain, small_copy_chain
 from common.images import ImageError, list_images, read_image, resize_long_side
 from common.io import atomic_path, clean_stale_tmp, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
 REF_DIR, QUERY_DIR = "referenceimages", "queryimages"
+CHAINS = ("random", "small_copy")  # random_chain, or common.edits.small_copy_chain
 OUTPUTS = (REF_DIR, QUERY_DIR, "gt.csv", "edits.csv", "transforms.json")
 
 
@@ -90,7 +91,7 @@ def save_jpeg(img: Image.Image, path: Path, quality: int) -> None:
         img.save(tmp, format="JPEG", quality=quality)
 
 
-def _clear_outputs(out: Path, force: bool) -> None:
+def clear_outputs(out: Path, force: bool) -> None:
     """Refuse to overwrite an existing benchmark in ``out`` unless ``force``; then remove it."""
     found = [n for n in OUTPUTS if (out / n).is_file() or any((out / n).glob("*"))]
     if found and not force:
@@ -107,6 +108,19 @@ def _clear_outputs(out: Path, force: bool) -> None:
         log.info("removed the previous benchmark in %s (--force)", out)
 
 
+def transform_rows(transform: np.ndarray) -> list[list[float]]:
+    """A homography as ``transforms.json`` stores it."""
+    return [[round(float(v), 9) for v in row] for row in transform]
+
+
+def write_labels(out: Path, gt: list[tuple[str, str]], edits: list[tuple[str, str]],
+                 transforms: dict[str, list[list[float]]]) -> None:
+    """``edits.csv``, ``transforms.json`` and, last, ``gt.csv`` (a folder with it is whole)."""
+    write_csv(out / "edits.csv", ("query_id", "edits"), edits)
+    write_json(out / "transforms.json", transforms)
+    write_csv(out / "gt.csv", ("query_id", "reference_id"), gt)
+
+
 def make_benchmark(
     photos: str | Path,
     out: str | Path,
@@ -121,12 +135,17 @@ def make_benchmark(
     n_edits: tuple[int, int] = (1, 3),
     kinds: Iterable[str] | None = None,
     force: bool = False,
+    chain: str = "random",
 ) -> Path:
-    """Build the benchmark described in the module docstring in ``out``; return ``out``."""
+    """Build the benchmark described in the module docstring in ``out``; return ``out``.
+    ``chain``: how queries are edited (``CHAINS``); ``n_edits`` and ``kinds`` are
+    ``random_chain``'s."""
     out = Path(out)
+    if chain not in CHAINS:
+        raise ValueError(f"unknown chain {chain!r} (known: {', '.join(CHAINS)})")
     if n_positives and not n_refs:
         raise ValueError("positives need at least one reference")
-    _clear_outputs(out, force)
+    clear_outputs(out, force)
     roles = assign_roles(readable_photos(photos), n_refs, n_distractors, seed)
     log.info("%d references, %d distractor sources, %d background photos",
              len(roles.references), len(roles.distractor_sources), len(roles.backgrounds))
@@ -147,18 +166,18 @@ def make_benchmark(
         gt, edits, transforms = [], [], {}
         for q, (ref, path) in enumerate(jobs):
             qid = f"Q{q:05d}"
-            edited = random_chain(load_photo(path, max_side), np.random.default_rng([seed, q]),
-                                  roles.backgrounds, n_edits, kinds, max_query_side)
+            photo, q_rng = load_photo(path, max_side), np.random.default_rng([seed, q])
+            edited = (small_copy_chain(photo, q_rng, roles.backgrounds, max_query_side)
+                      if chain == "small_copy" else
+                      random_chain(photo, q_rng, roles.backgrounds, n_edits, kinds, max_query_side))
             save_jpeg(edited.image, out / QUERY_DIR / f"{qid}.jpg", query_quality)
             gt.append((qid, "" if ref is None else f"R{ref:06d}"))
             edits.append((qid, edited.label))
             if ref is not None:
-                transforms[qid] = [[round(float(v), 9) for v in row] for row in edited.transform]
+                transforms[qid] = transform_rows(edited.transform)
             bar.update()
 
-    write_csv(out / "edits.csv", ("query_id", "edits"), edits)
-    write_json(out / "transforms.json", transforms)
-    write_csv(out / "gt.csv", ("query_id", "reference_id"), gt)
+    write_labels(out, gt, edits, transforms)
     log.info("wrote %d references and %d queries (%d positives, %d distractors) to %s",
              n_refs, len(jobs), n_positives, n_distractors, out)
     return out
@@ -178,6 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-query-side", type=int, default=1024)
     parser.add_argument("--ref-quality", type=int, default=95)
     parser.add_argument("--query-quality", type=int, default=90)
+    parser.add_argument("--chain", choices=CHAINS, default="random",
+                        help="query edits: random chains, or small pasted copies with overlays")
     parser.add_argument("--force", action="store_true", help="overwrite an existing benchmark")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -185,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         make_benchmark(args.photos, args.out, args.refs, args.positives, args.distractors,
                        args.seed, max_side=args.max_side, max_query_side=args.max_query_side,
                        ref_quality=args.ref_quality, query_quality=args.query_quality,
-                       force=args.force)
+                       force=args.force, chain=args.chain)
     except (FileExistsError, FileNotFoundError, ValueError) as err:
         log.error("%s", err)
         return 2

@@ -6,6 +6,10 @@
 The ground truth is restricted to the queries whose edit chain holds any of ``--kinds`` (their
 positives and their distractors); predictions for other queries are then ignored, as the metric
 ignores queries outside the ground truth. Also prints each kind alone, and all queries.
+
+``--above T`` adds a column: the pairs that are not copies scoring ``T`` or more, per 100
+queries of the row (give T = the score at precision 0.9 on another set, e.g. the devset's
+``threshold_at_p90``: how many false accusations that operating point makes here).
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ import re
 import sys
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+
 from common.io import read_csv
-from evaluation.isc_metric import GroundTruth, Metrics, evaluate, load_predictions
+from evaluation.isc_metric import GroundTruth, Metrics, Predictions, evaluate, load_predictions
 
 KIND = re.compile(r"[a-z_]+")
 
@@ -39,12 +45,23 @@ def subset_metrics(predictions, gt: GroundTruth, edits: dict[str, str],
     return len(subset.queries), evaluate(predictions, subset)
 
 
+def false_per_100(predictions: Predictions, gt: GroundTruth, threshold: float) -> float:
+    """Predicted pairs of ``gt``'s queries that are not copies and score ``threshold`` or more,
+    per 100 queries."""
+    wanted = np.isin(predictions.query_ids, list(gt.queries)) & (predictions.scores >= threshold)
+    false = sum((q, r) not in gt.positives for q, r in zip(
+        predictions.query_ids[wanted], predictions.reference_ids[wanted], strict=True))
+    return 100.0 * false / max(len(gt.queries), 1)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--predictions", required=True)
     p.add_argument("--gt", required=True)
     p.add_argument("--edits", required=True, help="CSV: query_id,edits (edit chain labels)")
     p.add_argument("--kinds", required=True, help="comma-separated edit kinds, e.g. onto_bg,pad")
+    p.add_argument("--above", type=float,
+                   help="also count the non-copy pairs scoring this or more, per 100 queries")
     args = p.parse_args(argv)
     from evaluation.isc_metric import load_ground_truth
 
@@ -56,13 +73,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         p.error(f"no query of {args.edits} has the edit kind(s) {unknown}; its kinds: "
                 f"{', '.join(sorted(known))}")
-    rows = [("+".join(kinds), *subset_metrics(predictions, gt, edits, kinds))]
-    rows += [(k, *subset_metrics(predictions, gt, edits, [k])) for k in kinds if len(kinds) > 1]
-    rows.append(("all", len(gt.queries), evaluate(predictions, gt)))
-    print(f"{'queries':<24}{'n':>5}{'pos':>5}{'micro-AP':>10}{'R@P90':>8}{'R@1':>8}")
-    for name, n, m in rows:
-        print(f"{name:<24}{n:>5}{m.n_positives:>5}{m.micro_ap:>10.4f}{m.recall_at_p90:>8.4f}"
-              f"{m.recall_at_rank1:>8.4f}")
+    subsets = [("+".join(kinds), kinds)] + [(k, [k]) for k in kinds if len(kinds) > 1]
+    rows = [(name, restrict(gt, [q for q, chain in edits.items() if edit_kinds(chain) & set(ks)]))
+            for name, ks in subsets] + [("all", gt)]
+    above = "" if args.above is None else f"{'false/100q':>12}"
+    print(f"{'queries':<24}{'n':>5}{'pos':>5}{'micro-AP':>10}{'R@P90':>8}{'R@1':>8}{above}")
+    for name, sub in rows:
+        extra = ("" if args.above is None
+                 else f"{false_per_100(predictions, sub, args.above):>12.2f}")
+        if not sub.positives:  # distractors only (look-alikes): no recall to speak of
+            print(f"{name:<24}{len(sub.queries):>5}{0:>5}{'-':>10}{'-':>8}{'-':>8}{extra}")
+            continue
+        m = evaluate(predictions, sub)
+        print(f"{name:<24}{len(sub.queries):>5}{m.n_positives:>5}{m.micro_ap:>10.4f}"
+              f"{m.recall_at_p90:>8.4f}{m.recall_at_rank1:>8.4f}{extra}")
     return 0
 
 

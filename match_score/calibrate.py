@@ -2,12 +2,15 @@
 
     copydet calibrate --photos ../shared/trainset/photos --work work
 
-Builds a DISC21-style benchmark from the photos (``data.make_benchmark``: references, edited
-copies, edited distractors), runs the pipeline's local branch on it up to its candidates,
-verifies them (unscored: no model is needed to fit a new one), and fits
-``match_score.score.ScoreModel`` on the verified pairs: a true pair's best-verified view is a
-positive, every pair of a query with a reference it was not made from is a negative. The
-model is written to ``match_score.score_model`` (shipped in the repository).
+Builds two benchmarks from the photos: a DISC21-style one (``data.make_benchmark``:
+references, edited copies, edited distractors) and a look-alike one from the ``fit`` part of
+the photos (``data.make_lookalike``: other photos of a reference's setting, real ones from
+``data/lookalike_groups.csv`` and made ones, as distractors). It runs the pipeline's local
+branch on each up to its candidates, verifies them (unscored: no model is needed to fit a new
+one), and fits ``match_score.score.ScoreModel`` on the verified pairs: a true pair's
+best-verified view is a positive, every pair of a query with a reference it was not made from
+is a negative. The model is written to ``match_score.score_model`` (shipped in the
+repository).
 """
 
 from __future__ import annotations
@@ -25,10 +28,13 @@ from common.images import list_images
 from common.io import read_csv
 from common.logs import start_run
 from data.make_benchmark import QUERY_DIR, REF_DIR, make_benchmark
+from data.make_lookalike import GROUPS, make_lookalike
+from data.split import split_photos
 from match_score import verify
 from match_score.score import ScoreModel
 
 BENCHMARK = {"n_refs": 600, "n_positives": 450, "n_distractors": 450, "seed": 2021}
+LOOKALIKE = {"n_made": 150, "n_refs": 200, "n_positives": 200, "n_distractors": 100, "seed": 12}
 
 
 def training_rows(
@@ -60,23 +66,39 @@ def run_local_branch(conf: dict[str, Any], bench: Path, work_dir: Path) -> list[
                                out["query_store"], out["reference_store"], folder / "parts")
 
 
+def benchmarks(photos: str | Path, work_dir: Path) -> list[Path]:
+    """The two training benchmarks (built once): copies, and look-alikes of the fit part."""
+    root = work_dir / "calibration"
+    copies = root / f"benchmark-{BENCHMARK['seed']}"
+    if not (copies / "gt.csv").exists():
+        make_benchmark(photos, copies, force=True, **BENCHMARK)
+    lookalikes = root / f"lookalike-{LOOKALIKE['seed']}"
+    if not (lookalikes / "gt.csv").exists():
+        fit = split_photos(photos, root / "trainsplit")["fit"]
+        make_lookalike(fit, lookalikes, GROUPS, force=True, **LOOKALIKE)
+    return [copies, lookalikes]
+
+
 def main(conf: dict[str, Any], photos: str | Path, work_dir: str | Path,
          out: str | Path | None = None) -> Path:
-    """Build the training benchmark, verify its candidates and fit the score model."""
+    """Build the training benchmarks, verify their candidates and fit the score model."""
     work_dir = Path(work_dir)
-    bench = work_dir / "calibration" / f"benchmark-{BENCHMARK['seed']}"
-    if not (bench / "gt.csv").exists():
-        make_benchmark(photos, bench, force=True, **BENCHMARK)
-    rows = run_local_branch(conf, bench, work_dir)
+    parts = [(run_local_branch(conf, bench, work_dir), bench) for bench in
+             benchmarks(photos, work_dir)]
     run = start_run(work_dir, "match_score.calibrate")
     with run:
-        gt = read_csv(bench / "gt.csv")
-        positives = {(r["query_id"], r["reference_id"]) for r in gt if r["reference_id"]}
-        keep, labels = training_rows(rows, positives)
+        keep, labels = [], []
+        for rows, bench in parts:
+            gt = read_csv(bench / "gt.csv")
+            positives = {(r["query_id"], r["reference_id"]) for r in gt if r["reference_id"]}
+            rows, y = training_rows(rows, positives)
+            keep += rows
+            labels.append(y)
+        labels = np.concatenate(labels)
         by_label = defaultdict(int, zip(*np.unique(labels, return_counts=True), strict=True))
         run.logger.info("fitting on %d pairs (%d copies, %d non-copies)", len(keep),
                         by_label[1], by_label[0])
-        model = ScoreModel.fit(keep, labels, trained_on=f"{photos} {BENCHMARK}")
+        model = ScoreModel.fit(keep, labels, trained_on=f"{photos} {BENCHMARK} {LOOKALIKE}")
         out = Path(out) if out else REPO_ROOT / conf["match_score"]["score_model"]
         model.save(out)
         run.logger.info("coefficients %s -> %s", model.weights(), out)

@@ -8,6 +8,10 @@
    first homography and compared cell by cell (zero-mean normalised cross-correlation). A
    true copy agrees over the whole overlap; a picture that only shares a background, a logo
    or a frame with the reference agrees only there.
+4. Inlier coverage: the share of the overlap's textured cells (a grid over the reference
+   holding reference keypoints that the first homography maps into the query) that hold an
+   inlier. A copy's inliers spread over the whole overlap; a look-alike's (another photo of
+   the same setting) sit only where the scene stood still.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-FIELDS = ("matches", "inliers", "inliers_h1", "inliers_h2", "dense_agree", "dense_cells")
+FIELDS = ("matches", "inliers", "inliers_h1", "inliers_h2", "dense_agree", "dense_cells",
+          "coverage")
 
 
 @dataclass
@@ -29,6 +34,7 @@ class Verification:
     inliers_h2: int = 0
     dense_agree: float = 0.0
     dense_cells: int = 0
+    coverage: float = 0.0
     homography: np.ndarray | None = None
     points: tuple[np.ndarray, np.ndarray] | None = None  # matched (query, reference) positions
     plane: np.ndarray | None = None  # per match: 0 outlier, 1 first homography, 2 second
@@ -135,6 +141,29 @@ def photometric_agreement(
     return float((ncc[informative] >= conf["dense_ncc"]).mean()), n
 
 
+def inlier_coverage(H: np.ndarray, inliers: np.ndarray, ref_kpts: np.ndarray,
+                    size_q: tuple[int, int], size_r: tuple[int, int], grid: int) -> float:
+    """Share of the textured overlap holding inliers. The reference is cut into ``grid`` x
+    ``grid`` cells; a cell is textured when one of ``ref_kpts`` in it maps (``H``: query ->
+    reference) inside the query, covered when one of ``inliers`` (reference points) is in it."""
+    try:
+        back = cv2.perspectiveTransform(ref_kpts[None, :, :2].astype(np.float64),
+                                        np.linalg.inv(H))[0]
+    except np.linalg.LinAlgError:
+        return 0.0
+    inside = ((back >= -0.5) & (back <= np.array(size_q) - 0.5)).all(1)
+
+    def cells(points: np.ndarray) -> np.ndarray:
+        ij = np.floor((points + 0.5) / np.array(size_r) * grid).astype(np.int64)
+        ij = np.clip(ij, 0, grid - 1)
+        return np.unique(ij[:, 1] * grid + ij[:, 0])
+
+    textured = cells(ref_kpts[inside, :2])
+    if len(textured) == 0:
+        return 0.0
+    return float(np.isin(textured, cells(inliers)).mean())
+
+
 def verify(
     query: tuple[np.ndarray, np.ndarray], reference: tuple[np.ndarray, np.ndarray],
     query_image: tuple[np.ndarray, tuple[int, int]],
@@ -167,6 +196,8 @@ def verify(
             result.plane[np.flatnonzero(rest)[inliers2]] = 2
     result.inliers = result.inliers_h1 + result.inliers_h2
     if result.inliers_h1 >= 4:
+        result.coverage = inlier_coverage(H, dst[inliers], kr, query_image[1],
+                                          reference_image[1], conf["coverage_grid"])
         result.dense_agree, result.dense_cells = photometric_agreement(
             H, *query_image, *reference_image, conf)
     return result

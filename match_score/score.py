@@ -16,7 +16,8 @@ import numpy as np
 
 from common.logistic import LogisticModel
 
-FEATURES = ("log_inliers", "inlier_ratio", "dense_agree", "dense_evidence", "log_matches")
+FEATURES = ("log_inliers", "inlier_ratio", "dense_agree", "dense_evidence", "log_matches",
+            "coverage")
 DENSE_FULL = 64  # informative cells at which photometric evidence counts fully
 
 
@@ -33,6 +34,7 @@ def feature_matrix(rows: Sequence[Mapping[str, object]]) -> np.ndarray:
         agree,
         agree * np.minimum(cells, DENSE_FULL) / DENSE_FULL,
         np.log1p(matches),
+        col("coverage"),
     ], axis=1).reshape(len(rows), len(FEATURES))
 
 

@@ -4,11 +4,13 @@
 
 The photos are split by id (``data.split``); the ``calib`` part, which the global branch
 never saw (its fine-tuning, whitening and normalisation bank use the ``fit`` part), becomes
-a DISC21-style benchmark (``data.make_benchmark``). Every branch of ``merge.branches`` runs
-on it exactly as on a real query set (``pipeline.run_branches``), ``merge.features.gather``
-builds the same candidate table as ``merge.fuse`` does, and ``merge.fusion.FusionModel`` is
-fitted on it: a pair is positive when the ground truth says the query was made from the
-reference. The model is written to
+two benchmarks: a DISC21-style one (``data.make_benchmark``) and one of made look-alikes
+(``data.make_lookalike``: another view of a reference's background holding another object,
+as distractors; the real look-alike groups are left to measure with). Every branch of
+``merge.branches`` runs on each exactly as on a real query set (``pipeline.run_branches``),
+``merge.features.gather`` builds the same candidate table as ``merge.fuse`` does, and
+``merge.fusion.FusionModel`` is fitted on both tables: a pair is positive when the ground
+truth says the query was made from the reference. The model is written to
 ``merge.fusion_model`` (shipped in the repository).
 """
 
@@ -26,29 +28,36 @@ from common.images import list_images
 from common.io import read_csv
 from common.logs import start_run
 from data.make_benchmark import QUERY_DIR, REF_DIR, make_benchmark
+from data.make_lookalike import make_lookalike
 from data.split import split_photos
 from merge.features import PairTable, gather
 from merge.fusion import FusionModel
 
 BENCHMARK = {"n_refs": 200, "n_positives": 200, "n_distractors": 150, "seed": 3}
+LOOKALIKE = {"groups": None, "n_made": 100, "n_refs": 100, "n_positives": 100,
+             "n_distractors": 50, "seed": 4}
 
 
-def benchmark_root(work_dir: Path) -> Path:
-    return work_dir / "calibration" / f"fusion-benchmark-{BENCHMARK['seed']}"
-
-
-def benchmark_table(conf: dict[str, Any], photos: str | Path, work_dir: Path) -> PairTable:
-    """Build the calibration benchmark, run every configured branch on it and gather the
-    fusion's candidate table."""
+def benchmarks(photos: str | Path, work_dir: Path) -> list[Path]:
+    """The calibration benchmarks of the ``calib`` photos (built once)."""
     root = work_dir / "calibration"
-    parts = split_photos(photos, root / "trainsplit")
-    bench = benchmark_root(work_dir)
-    if not (bench / "gt.csv").exists():
-        make_benchmark(parts["calib"], bench, force=True, **BENCHMARK)
+    calib = split_photos(photos, root / "trainsplit")["calib"]
+    copies = root / f"fusion-benchmark-{BENCHMARK['seed']}"
+    if not (copies / "gt.csv").exists():
+        make_benchmark(calib, copies, force=True, **BENCHMARK)
+    lookalikes = root / f"fusion-lookalike-{LOOKALIKE['seed']}"
+    if not (lookalikes / "gt.csv").exists():
+        make_lookalike(calib, lookalikes, force=True, **LOOKALIKE)
+    return [copies, lookalikes]
+
+
+def benchmark_table(conf: dict[str, Any], bench: Path, work_dir: Path) -> PairTable:
+    """Run every configured branch on a benchmark and gather the fusion's candidate table."""
     outputs = pipeline.run_branches(conf, list_images(bench / QUERY_DIR),
                                     list_images(bench / REF_DIR), work_dir)
     branches = pipeline.selected(conf["merge"]["branches"])
-    return gather(conf, branches, {n: o["pairs"] for n, o in outputs.items()}, root / "fusion")
+    return gather(conf, branches, {n: o["pairs"] for n, o in outputs.items()},
+                  work_dir / "calibration" / "fusion" / bench.name)
 
 
 def labels_of(table: PairTable, gt: Path) -> np.ndarray:
@@ -60,13 +69,17 @@ def main(conf: dict[str, Any], photos: str | Path, work_dir: str | Path,
          out: str | Path | None = None) -> Path:
     """Build the benchmark, gather the fusion features of its candidates, fit, write."""
     work_dir = Path(work_dir)
-    table = benchmark_table(conf, photos, work_dir)
+    tables = [(benchmark_table(conf, bench, work_dir), bench)
+              for bench in benchmarks(photos, work_dir)]
     run = start_run(work_dir, "merge.calibrate")
     with run:
-        labels = labels_of(table, benchmark_root(work_dir) / "gt.csv")
+        x = np.vstack([t.x for t, _ in tables])
+        labels = np.concatenate([labels_of(t, bench / "gt.csv") for t, bench in tables])
+        features = tables[0][0].features
         run.logger.info("fitting on %d candidate pairs (%d copies) with features %s",
-                        len(labels), labels.sum(), table.features)
-        model = FusionModel.fit(table, labels, trained_on=f"{photos} calib part {BENCHMARK}")
+                        len(labels), labels.sum(), features)
+        model = FusionModel.fit_matrix(x, labels, features,
+                                       f"{photos} calib part {BENCHMARK} {LOOKALIKE}")
         out = Path(out) if out else REPO_ROOT / conf["merge"]["fusion_model"]
         model.save(out)
         run.logger.info("coefficients %s -> %s", model.weights(), out)

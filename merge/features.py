@@ -6,6 +6,12 @@ features of every branch: the branch's own when it found the pair, else computed
 when the branch can: always for a cheap fill (global similarity), and for an expensive one
 (verification) only when another branch ranks the pair within ``merge.fill_rank`` of its
 query. What is still missing gets the branch's ``missing`` values (no evidence).
+
+A branch declared with ``gap`` also gives each pair the gap between its first feature and
+the best of that feature among the pairs of the same query (0 for the query's best pair). A
+query that is a copy of one reference often also matches that reference's look-alikes
+(other photos of the same setting) with weaker evidence: the gap tells them apart. The
+matching track allows such a use of the other candidates of a query.
 """
 
 from __future__ import annotations
@@ -37,6 +43,21 @@ class BranchEvidence(Protocol):
     read: Callable[[dict[str, Any], Path], Evidence]
     fill: Callable[[dict[str, Any], Path, list[Pair], Path, str], Evidence] | None
     fill_all: bool
+    gap: bool
+
+
+def feature_names(branches: Sequence[BranchEvidence]) -> list[str]:
+    """The fusion's features of ``branches``, in the order of the candidate table."""
+    return [f for b in branches for f in (*b.features, *((f"{b.features[0]}_gap",) if b.gap
+                                                          else ()))]
+
+
+def query_gaps(pairs: Sequence[Pair], values: np.ndarray) -> np.ndarray:
+    """Each pair's value less the best value among the pairs of its query (<= 0)."""
+    best: dict[str, float] = defaultdict(lambda: -np.inf)
+    for (query, _), value in zip(pairs, values, strict=True):
+        best[query] = max(best[query], float(value))
+    return values - np.array([best[q] for q, _ in pairs], np.float64)
 
 
 @dataclass
@@ -108,6 +129,8 @@ def gather(conf: dict[str, Any], branches: Sequence[BranchEvidence],
         own, default = evidence[branch.name].features, np.array(branch.missing, np.float64)
         columns.append(np.array([own.get(p, default) for p in pairs], np.float64)
                        .reshape(len(pairs), len(branch.features)))
-    names = [f for b in branches for f in b.features]
+        if branch.gap:
+            columns.append(query_gaps(pairs, columns[-1][:, 0]).reshape(len(pairs), 1))
+    names = feature_names(branches)
     x = np.hstack(columns) if pairs else np.zeros((0, len(names)))
     return PairTable(pairs, names, x, found_by)

@@ -32,7 +32,7 @@ from common.config import REPO_ROOT, output_name
 from common.io import write_csv
 from common.logs import start_run
 from merge.evidence import Pair
-from merge.features import BranchEvidence, PairTable, gather, read_branches
+from merge.features import BranchEvidence, PairTable, feature_names, gather, read_branches
 from merge.fusion import FusionModel
 
 STAGE = "merge"
@@ -51,7 +51,7 @@ def fused_scores(conf: dict[str, Any], branches: Sequence[BranchEvidence],
                  pair_files: Mapping[str, Path], folder: Path,
                  drop_self: bool) -> tuple[PairTable, np.ndarray]:
     """The candidate table and the calibrated fusion score of every pair."""
-    features = [f for b in branches for f in b.features]  # checked before the costly fills
+    features = feature_names(branches)  # checked before the costly fills
     model = FusionModel.load(REPO_ROOT / conf[STAGE]["fusion_model"], features)
     table = gather(conf, branches, pair_files, folder, drop_self)
     return table, model.score(table)

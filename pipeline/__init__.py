@@ -7,6 +7,7 @@ queries ────► local_fea.extract ─► store ─┴► local_fea.searc
                                                └─► pairs.csv (local) ────────────────────┐
 queries ────► preprocess.detect ─► boxes.csv + crops ─► the local stages on the crops   │
                                                └─► pairs.csv (crop_local) ───────────────┤
+                                    crops ─► the global stages ─► pairs.csv (crop_global) ┤
 queries, references ─► global_fea.extract ─► descriptors.h5 ─► global_fea.search         │
                                                └─► pairs.csv (global) ───────────────────┤
                                    merge.fuse ◄──────────────────────────────────────────┘
@@ -112,6 +113,14 @@ def run_global(conf: dict[str, Any], queries: ImageSet, references: ImageSet, wo
     return {"pairs": pairs, "h5": h5}
 
 
+def run_crop_global(conf: dict[str, Any], queries: ImageSet, references: ImageSet, work: Path,
+                    record: Record) -> Outputs:
+    """The crop-global branch: global descriptors of the overlay detector's crops."""
+    boxes = record("preprocess.detect", queries.name, detect.main, conf, queries, work)
+    crops = detect.crop_set(boxes, "global")
+    return {**run_global(conf, crops, references, work, record), "boxes": boxes}
+
+
 PROBABILITY, SIMILARITY = "probability", "similarity"
 
 
@@ -127,15 +136,18 @@ class Branch:
     read: Callable[[dict[str, Any], Path], Evidence]
     fill: Callable[[dict[str, Any], Path, list[Pair], Path, str], Evidence] | None = None
     fill_all: bool = False  # fill every candidate (cheap), not only the top-ranked ones
+    gap: bool = False  # also its first feature's gap to the best pair of the same query
 
 
 BRANCHES = {branch.name: branch for branch in [
     Branch("local", run_local, ("local_logit",), (LOGIT_FLOOR,), PROBABILITY, read_local,
-           fill_local),
+           fill_local, gap=True),
     Branch("global", run_global, ("global_sim", "global_norm"), GLOBAL_MISSING, SIMILARITY,
            read_global, fill_global, fill_all=True),
     Branch("crop_local", run_crop_local, ("crop_local_logit",), (LOGIT_FLOOR,), PROBABILITY,
            read_local, fill_local),
+    Branch("crop_global", run_crop_global, ("crop_global_sim", "crop_global_norm"),
+           GLOBAL_MISSING, SIMILARITY, read_global, fill_global, fill_all=True),
 ]}
 
 

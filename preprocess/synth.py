@@ -5,12 +5,13 @@ box of the pasted copy as the YOLO label.
 
 A sample takes a "copy" photo, sometimes edits it (crop, rotation, flip, colour, perspective...),
 puts it somewhere — pasted at a random scale and place onto another photo, sometimes partly
-outside it (``paste``), inside
-borders (``pad``), inside an app-like frame (``screenshot``), under or over a caption band
-(``meme``) — and then edits the whole picture (text, emoji, colour, blur, JPEG, noise, patches,
-scaling...). The label is the box of the pasted copy, computed exactly from the edits'
-transforms (``common.edits``). ``negative`` samples are photos with the same kinds of edits but
-nothing pasted: an empty label, so that the detector learns to stay silent.
+outside it (``paste``), inside borders (``pad``), inside an app-like frame (``screenshot``),
+under or over a caption band (``meme``), small (25-60 % of the side) with a frame and
+overlays on top (``small_copy``: ``common.edits.small_copy_chain``, as real small copies
+look) — and then edits the whole picture (text, emoji, colour, blur, JPEG, noise, stripes,
+opacity, patches, scaling...). The label is the box of the pasted copy, computed exactly from
+the edits' transforms (``common.edits``). ``negative`` samples are photos with the same kinds
+of edits but nothing pasted: an empty label, so that the detector learns to stay silent.
 
 Photos are split by photo into train / val / test: a test photo never appears in training, not
 even as a background. Output, in the YOLO layout: ``images/<split>/<name>.jpg``,
@@ -36,7 +37,17 @@ import yaml
 from PIL import Image
 
 from common import UserError
-from common.edits import Edited, map_points, meme, onto_bg, pad, random_chain, screenshot, then
+from common.edits import (
+    Edited,
+    map_points,
+    meme,
+    onto_bg,
+    pad,
+    random_chain,
+    screenshot,
+    small_copy_chain,
+    then,
+)
 from common.io import clean_stale_tmp, read_csv, write_csv, write_text
 from common.logs import start_run
 from common.parallel import parallel_map
@@ -46,12 +57,13 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
-KIND_WEIGHTS = {"paste": 0.38, "pad": 0.1, "screenshot": 0.1, "meme": 0.07, "negative": 0.35}
+KIND_WEIGHTS = {"paste": 0.25, "small_copy": 0.25, "pad": 0.08, "screenshot": 0.08, "meme": 0.06,
+                "negative": 0.28}
 PASTE_FRACTION = (0.2, 0.9)  # side of the pasted copy / side of the background
 PASTE_OVERFLOW = 0.4  # at most this much of a copy's width and height outside the picture
 PRE_EDITS = ("crop", "rotate", "hflip", "color", "gray", "aspect", "perspective", "blur")
 POST_EDITS = ("text", "emoji", "color", "gray", "blur", "jpeg", "noise", "scale", "aspect",
-              "sharpen", "pixelize")
+              "sharpen", "pixelize", "stripes", "opacity")
 NEGATIVE_EDITS = ("crop", "rotate", "rot90", "hflip", "vflip", "scale", "aspect", "perspective",
                   "color", "gray", "blur", "jpeg", "noise", "sharpen", "pixelize", "occlude",
                   "text", "emoji")
@@ -96,6 +108,8 @@ def place(kind: str, copy: Image.Image, rng: np.random.Generator,
         return screenshot(copy, rng)
     if kind == "meme":
         return meme(copy, rng)
+    if kind == "small_copy":
+        return small_copy_chain(copy, rng, backgrounds)
     raise ValueError(f"unknown sample kind {kind!r}")
 
 

@@ -29,3 +29,18 @@ def test_edit_kinds_and_subset_metrics(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         by_edit.main([*args, "--kinds", "rotate"])
     assert "rotate" in capsys.readouterr().err
+
+
+def test_false_pairs_above_a_score_per_100_queries(tmp_path: Path, capsys) -> None:
+    """Look-alike queries have no copy: the column counts their pairs above the score."""
+    gt = _write(tmp_path / "gt.csv", "query_id,reference_id\nq1,r1\nq2,\nq3,\nq4,\n")
+    edits = _write(tmp_path / "edits.csv", "query_id,edits\nq1,crop0.5\nq2,lookalike_made\n"
+                   "q3,lookalike_made+jpeg9\nq4,lookalike_real\n")
+    preds = _write(tmp_path / "p.csv", "query_id,reference_id,score\nq1,r1,0.95\nq1,r2,0.9\n"
+                   "q2,r1,0.92\nq3,r3,0.5\nq4,r4,0.99\n")
+    assert by_edit.main(["--predictions", preds, "--gt", gt, "--edits", edits, "--kinds",
+                         "lookalike_made,lookalike_real", "--above", "0.9"]) == 0
+    lines = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()}
+    assert lines["lookalike_made"] == ["2", "0", "-", "-", "-", "50.00"]  # q2 above, q3 not
+    assert lines["lookalike_real"][-1] == "100.00"
+    assert lines["all"][-1] == "75.00"  # q1->r2, q2->r1, q4->r4 over 4 queries

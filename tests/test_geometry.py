@@ -10,7 +10,13 @@ import pytest
 
 from common.config import load_config
 from local_fea.features import ImageFeatures, extract_image
-from match_score.geometry import Verification, ratio_matches, unique_positions, verify
+from match_score.geometry import (
+    Verification,
+    inlier_coverage,
+    ratio_matches,
+    unique_positions,
+    verify,
+)
 from tests.conftest import DATA
 
 CONF = load_config()
@@ -110,3 +116,18 @@ def test_unrelated_images_do_not_verify(demo) -> None:
         for path in refs:
             result = _verify(query, _features(path, False), "orig")
             assert result.inliers < 12 or result.dense_agree < 0.5, (query_id, path.name)
+
+
+def test_inlier_coverage_is_the_share_of_the_textured_overlap_holding_inliers() -> None:
+    """Reference keypoints everywhere; the query sees the left 3/4 of the reference (a crop);
+    inliers on the left half of the reference cover 2 of the 3 textured overlap columns."""
+    xs, ys = np.meshgrid(np.arange(4, 400, 8.0), np.arange(4, 400, 8.0))
+    kpts = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float32)
+    crop = np.eye(3)  # query pixel = reference pixel, the query is 300 x 400
+    left = kpts[kpts[:, 0] < 200]
+    cover = inlier_coverage(crop, left, kpts, (300, 400), (400, 400), grid=4)
+    assert cover == pytest.approx(2 / 3)
+    assert inlier_coverage(crop, kpts, kpts, (300, 400), (400, 400), grid=4) == 1.0
+    assert inlier_coverage(crop, kpts[:0], kpts, (300, 400), (400, 400), grid=4) == 0.0
+    far = np.array([[1, 0, 1000], [0, 1, 0], [0, 0, 1]], float)  # no overlap at all
+    assert inlier_coverage(far, left, kpts, (300, 400), (400, 400), grid=4) == 0.0

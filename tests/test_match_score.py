@@ -20,9 +20,10 @@ from match_score.score import FEATURES, ScoreModel
 from tests.conftest import DATA, kill_midway, python
 
 
-def _rows(inliers, matches, agree, cells) -> list[dict[str, float]]:
-    return [{"inliers": i, "matches": m, "dense_agree": a, "dense_cells": c}
-            for i, m, a, c in zip(inliers, matches, agree, cells, strict=True)]
+def _rows(inliers, matches, agree, cells, coverage=None) -> list[dict[str, float]]:
+    coverage = agree if coverage is None else coverage
+    return [{"inliers": i, "matches": m, "dense_agree": a, "dense_cells": c, "coverage": v}
+            for i, m, a, c, v in zip(inliers, matches, agree, cells, coverage, strict=True)]
 
 
 def test_score_model_fit_predict_round_trip(tmp_path: Path) -> None:

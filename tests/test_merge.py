@@ -65,13 +65,13 @@ def test_local_evidence_keeps_the_best_view_and_floors_no_inliers() -> None:
     def row(q, r, view, inliers, matches):
         return {"query_id": q, "reference_id": r, "view": view, "matches": matches,
                 "inliers": inliers, "inliers_h1": inliers, "inliers_h2": 0,
-                "dense_agree": 0.6, "dense_cells": 40}
+                "dense_agree": 0.6, "dense_cells": 40, "coverage": 0.6}
 
     ev = evidence.local_evidence([row("q", "r", "orig", 4, 40), row("q", "r", "mirror", 40, 60),
                                   row("q", "s", "orig", 0, 3)], conf)
     strong = evidence.local_evidence([row("q", "r", "mirror", 40, 60)], conf)
     weak = evidence.local_evidence([row("q", "r", "orig", 4, 40)], conf)
-    assert ev.features[("q", "r")][0] == strong.features[("q", "r")][0]
+    assert ev.features[("q", "r")][0] == pytest.approx(strong.features[("q", "r")][0])
     assert strong.features[("q", "r")][0] > weak.features[("q", "r")][0] > LOGIT_FLOOR
     assert ev.features[("q", "s")][0] == LOGIT_FLOOR and ev.scores[("q", "s")] == 0.0
 
@@ -93,6 +93,18 @@ def test_fusion_model_is_calibrated_deterministic_and_checked(tmp_path: Path) ->
     assert np.all(np.diff(again.probability(grid)) > 0)
     with pytest.raises(UserError, match="calibrate-fusion"):
         FusionModel.load(path, ["useful", "noise", "crop_local_logit"])
+
+
+def test_local_gap_tells_a_copy_from_its_look_alikes_among_a_query_s_pairs() -> None:
+    """The fusion's ``local_logit_gap``: 0 for a query's best pair, below 0 for the others."""
+    from merge.features import feature_names, query_gaps
+
+    pairs = [("q1", "r1"), ("q1", "r2"), ("q2", "r1"), ("q2", "r3")]
+    gaps = query_gaps(pairs, np.array([6.0, 1.0, -12.0, -3.0]))
+    np.testing.assert_array_equal(gaps, [0.0, -5.0, -9.0, 0.0])
+    names = feature_names(pipeline.selected(["local", "global", "crop_global"]))
+    assert names == ["local_logit", "local_logit_gap", "global_sim", "global_norm",
+                     "crop_global_sim", "crop_global_norm"]
 
 
 def _pairs_file(path: Path, header: list[str], rows: list[list]) -> Path:

@@ -140,3 +140,34 @@ def test_record_runs_a_stage_once_per_inputs_and_measures_it() -> None:
     assert record("s", "crops", stage, crops) == Path("out-2") and len(calls) == 2
     assert [s["label"] for s in record.stages] == ["refs", "crops"]
     assert all(s["seconds"] >= 0 and s["peak_rss_mb"] > 0 for s in record.stages)
+
+
+@pytest.mark.slow
+def test_crop_global_branch_is_read_by_the_fusion(tmp_path: Path) -> None:
+    """With ``crop_global`` in ``merge.branches``, the detector's global crops get descriptors
+    and a search of their own, and the fusion reads their similarities: a query with a crop
+    has its own crop similarity for its pairs, a query without one the missing value."""
+    from merge.evidence import GLOBAL_MISSING
+    from merge.features import feature_names
+    from merge.fusion import FusionModel
+
+    branches = ["local", "global", "crop_local", "crop_global"]
+    names = feature_names(pipeline.selected(branches))
+    n = len(names)
+    model = FusionModel(names, [0.0] * n, [1.0] * n, [1.0] * n, 0.0, "test")
+    out = run_pipeline(DATA / "queryimages", DATA / "referenceimages", tmp_path / "work",
+                       tmp_path / "sub.csv", "-o", f"merge.branches=[{','.join(branches)}]",
+                       "-o", f"merge.fusion_model={model.save(tmp_path / 'fusion.json')}")
+    record = json.loads((tmp_path / "work" / "pipeline.json").read_text())
+    crop_pairs = Path(record["branches"]["crop_global"]["pairs"])
+    boxes = Path(record["branches"]["crop_global"]["boxes"])
+    with open(boxes) as f:
+        cropped = {r["query_id"] for r in csv.DictReader(f) if "global" in r["used_for"]}
+    assert cropped and crop_pairs.exists()
+    with open(crop_pairs) as f:
+        assert {r["query_id"] for r in csv.DictReader(f)} == cropped
+    with open(out.with_name("sub.features.csv")) as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        found = (float(row["crop_global_sim"]), float(row["crop_global_norm"])) != GLOBAL_MISSING
+        assert found == (row["query_id"] in cropped), row

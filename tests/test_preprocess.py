@@ -229,7 +229,8 @@ def test_crop_local_branch_scores_crops_under_original_ids_and_merge_fuses_it(
         assert fused[(r["query_id"], r["reference_id"])] >= float(r["score"]) - 1e-9
 
     table = gather(conf, branches, files, tmp_path / "fusion")
-    crop_logit = dict(zip(table.pairs, table.x[:, 1], strict=True))
+    crop_logit = dict(zip(table.pairs, table.x[:, table.features.index("crop_local_logit")],
+                          strict=True))
     for qid in found:  # crop evidence for the true pair, even where only local found it
         assert crop_logit[(qid, csv_ref(qid))] > 0
     assert all(v == LOGIT_FLOOR for (q, _), v in crop_logit.items() if q not in cropped)

@@ -1,0 +1,204 @@
+"""Build a look-alike benchmark: references, their copies, and look-alikes of them.
+
+    python -m data.make_lookalike --photos work/trainsplit/calib --out work/lookalike \\
+        --made 60 --refs 150 --positives 150 --distractors 60 --seed 11
+
+A *look-alike* of a photo is another photo of the same setting: the next garment on the same
+hanger, the same cat in the same room. It shares much with the reference, yet it is not a copy.
+Two kinds, each group giving one reference, an edited copy of it (a positive query) and its
+look-alikes, lightly edited, as distractor queries (never references):
+
+- real: groups of different training photos of one setting (``--groups``, a CSV
+  ``group,photo`` written by ``data.mine_lookalikes``; the shipped ``data/lookalike_groups.csv``
+  by default); a group's photos outside ``--photos`` are left out;
+- made: two overlapping windows of one background photo, each holding a different object
+  photo at about the same place of the background (40-60 % of the window's area: more than
+  the largest ``occlude`` edit leaves covered, so a made look-alike is never an occluded copy).
+
+``--refs`` more photos complete the reference set, with ``--positives`` copies among the
+queries and ``--distractors`` edited photos that are not references, as in
+``data.make_benchmark``, whose layout this is (``edits.csv`` labels: ``lookalike_real`` /
+``lookalike_made`` first for the look-alike queries). ``gt.csv`` is written last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from common.edits import Edited, random_chain
+from common.io import clean_stale_tmp, read_csv
+from data.make_benchmark import (
+    QUERY_DIR,
+    REF_DIR,
+    clear_outputs,
+    load_photo,
+    readable_photos,
+    save_jpeg,
+    transform_rows,
+    write_labels,
+)
+
+log = logging.getLogger(__name__)
+
+GROUPS = Path(__file__).with_name("lookalike_groups.csv")  # mined from the training photos
+LIGHT_KINDS = ("crop", "scale", "color", "gray", "blur", "jpeg", "text", "hflip", "emoji")
+
+
+def read_groups(path: str | Path, photos: Sequence[Path]) -> list[list[Path]]:
+    """The groups of a ``group,photo`` CSV whose photos are among ``photos`` (by id, the
+    file's stem), each with at least two of them."""
+    by_name = {p.stem: p for p in photos}
+    groups: dict[str, list[Path]] = defaultdict(list)
+    for row in read_csv(Path(path)):
+        if row["photo"] in by_name:
+            groups[row["group"]].append(by_name[row["photo"]])
+    return [sorted(g) for _, g in sorted(groups.items()) if len(g) >= 2]
+
+
+def _window(size: tuple[int, int], frac: float, rng: np.random.Generator) -> np.ndarray:
+    """A random window (x0, y0, w, h) of ``frac`` of each side."""
+    w, h = round(size[0] * frac), round(size[1] * frac)
+    return np.array([rng.integers(0, size[0] - w + 1), rng.integers(0, size[1] - h + 1), w, h])
+
+
+def _shifted(window: np.ndarray, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """``window`` moved by 3-10 % of its sides, kept inside ``size``."""
+    x0, y0, w, h = window
+    dx, dy = (rng.uniform(0.03, 0.1) * rng.choice([-1, 1]) * v for v in (w, h))
+    return np.array([np.clip(round(x0 + dx), 0, size[0] - w),
+                     np.clip(round(y0 + dy), 0, size[1] - h), w, h])
+
+
+def _paste(view: Image.Image, obj: Image.Image, centre: np.ndarray, area: float) -> Image.Image:
+    """``view`` with ``obj`` resized to ``area`` of it (aspect kept, inside it) at ``centre``."""
+    f = min(np.sqrt(area * view.width * view.height / (obj.width * obj.height)),
+            view.width / obj.width, view.height / obj.height)
+    small = obj.resize((max(1, round(obj.width * f)), max(1, round(obj.height * f))),
+                       Image.Resampling.LANCZOS)
+    x = int(np.clip(round(centre[0] - small.width / 2), 0, view.width - small.width))
+    y = int(np.clip(round(centre[1] - small.height / 2), 0, view.height - small.height))
+    out = view.copy()
+    out.paste(small, (x, y))
+    return out
+
+
+def made_pair(background: Image.Image, objects: tuple[Image.Image, Image.Image],
+              rng: np.random.Generator) -> tuple[Image.Image, Image.Image]:
+    """(reference, look-alike): two overlapping windows of ``background``, each with one of
+    ``objects`` near the same background point, covering 40-60 % of the window."""
+    first = _window(background.size, rng.uniform(0.7, 0.85), rng)
+    second = _shifted(first, background.size, rng)
+    spot = first[:2] + first[2:] * rng.uniform(0.4, 0.6, 2)  # background coordinates
+    area = rng.uniform(0.4, 0.6)
+    views = []
+    for window, obj in zip((first, second), objects, strict=True):
+        x0, y0, w, h = (int(v) for v in window)
+        view = background.crop((x0, y0, x0 + w, y0 + h))
+        jitter = rng.uniform(-0.03, 0.03, 2) * window[2:]
+        views.append(_paste(view, obj, spot - window[:2] + jitter, area))
+    return views[0], views[1]
+
+
+def make_lookalike(photos: str | Path, out: str | Path, groups: str | Path | None, n_made: int,
+                   n_refs: int, n_positives: int, n_distractors: int, seed: int,
+                   max_side: int = 800, max_query_side: int = 1024,
+                   force: bool = False) -> Path:
+    """Build the look-alike benchmark of the module docstring in ``out``; return ``out``."""
+    out = Path(out)
+    pool = readable_photos(photos)
+    real = read_groups(groups, pool) if groups else []
+    rng = np.random.default_rng(seed)
+    taken = {p for g in real for p in g}
+    rest = [pool[i] for i in rng.permutation(len(pool)) if pool[i] not in taken]
+    need = 3 * n_made + n_refs + n_distractors
+    if need > len(rest):
+        raise ValueError(f"need {need} photos besides the {len(taken)} of the look-alike "
+                         f"groups, but only {len(rest)} are readable")
+    made_photos, rest = rest[:3 * n_made], rest[3 * n_made:]
+    fillers, distractor_sources, backgrounds = (
+        rest[:n_refs], rest[n_refs:n_refs + n_distractors], rest[n_refs + n_distractors:])
+    clear_outputs(out, force)
+    for folder in (out / REF_DIR, out / QUERY_DIR):
+        folder.mkdir(parents=True, exist_ok=True)
+        clean_stale_tmp(folder)
+
+    references: list[Image.Image | Path] = []
+    queries: list[tuple[str, int | None, Image.Image | Path]] = []  # (kind, reference, source)
+    for group in real:
+        queries.append(("", len(references), group[0]))
+        queries += [("lookalike_real", None, p) for p in group[1:]]
+        references.append(group[0])
+    for i in range(n_made):
+        bg, a, b = (load_photo(p, max_side) for p in made_photos[3 * i:3 * i + 3])
+        ref, lookalike = made_pair(bg, (a, b), np.random.default_rng([seed, 1, i]))
+        queries += [("", len(references), ref), ("lookalike_made", None, lookalike)]
+        references.append(ref)
+    for i in rng.choice(n_refs, n_positives, replace=n_positives > n_refs) if n_refs else ():
+        queries.append(("", len(references) + int(i), fillers[i]))
+    references += fillers
+    queries += [("", None, p) for p in distractor_sources]
+    queries = [queries[i] for i in rng.permutation(len(queries))]
+
+    def image(source: Image.Image | Path) -> Image.Image:
+        return source if isinstance(source, Image.Image) else load_photo(source, max_side)
+
+    gt, edits, transforms = [], [], {}
+    with tqdm(total=len(references) + len(queries), desc="look-alike set", unit="img") as bar:
+        for i, source in enumerate(references):
+            save_jpeg(image(source), out / REF_DIR / f"R{i:06d}.jpg", 95)
+            bar.update()
+        for q, (kind, ref, source) in enumerate(queries):
+            q_rng = np.random.default_rng([seed, 2, q])
+            edited: Edited = (random_chain(image(source), q_rng, backgrounds, (1, 2), LIGHT_KINDS,
+                                           max_query_side) if kind else
+                              random_chain(image(source), q_rng, backgrounds,
+                                           max_side=max_query_side))
+            qid = f"Q{q:05d}"
+            save_jpeg(edited.image, out / QUERY_DIR / f"{qid}.jpg", 90)
+            gt.append((qid, "" if ref is None else f"R{ref:06d}"))
+            edits.append((qid, "+".join(filter(None, (kind, edited.label)))))
+            if ref is not None:
+                transforms[qid] = transform_rows(edited.transform)
+            bar.update()
+    write_labels(out, gt, edits, transforms)
+    log.info("wrote %d references and %d queries (%d real look-alike groups, %d made) to %s",
+             len(references), len(queries), len(real), n_made, out)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--photos", type=Path, required=True, help="folder of source photos")
+    parser.add_argument("--out", type=Path, required=True, help="benchmark folder to write")
+    parser.add_argument("--groups", type=Path, default=GROUPS,
+                        help="CSV group,photo of real look-alikes (default: the shipped one)")
+    parser.add_argument("--made", type=int, default=100, help="made look-alike pairs")
+    parser.add_argument("--refs", type=int, default=150, help="more reference photos")
+    parser.add_argument("--positives", type=int, default=150, help="copies of those")
+    parser.add_argument("--distractors", type=int, default=50,
+                        help="edited photos that are not references")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="overwrite an existing benchmark")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        make_lookalike(args.photos, args.out, args.groups, args.made, args.refs, args.positives,
+                       args.distractors, args.seed, force=args.force)
+    except (FileExistsError, FileNotFoundError, ValueError) as err:
+        log.error("%s", err)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

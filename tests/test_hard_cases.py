@@ -1,0 +1,156 @@
+"""Look-alikes and small copies: the benchmarks that measure them, and the verification
+evidence that tells a copy from another photo of the same setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from common.config import REPO_ROOT, load_config
+from common.edits import apply_edit, onto_bg, random_chain, small_copy_chain, then
+from common.io import read_csv, write_csv
+from data.make_benchmark import make_benchmark
+from data.make_lookalike import made_pair, make_lookalike
+from data.mine_lookalikes import groups_of
+from evaluation.isc_metric import evaluate, load_ground_truth, load_predictions
+from local_fea.features import ImageFeatures, extract_image
+from match_score.geometry import verify
+from match_score.score import ScoreModel
+from tests.conftest import demo_references
+from tests.test_pipeline import run_pipeline
+
+
+def _photo(i: int, side: int = 480) -> Image.Image:
+    with Image.open(demo_references()[i]) as im:
+        im = im.convert("RGB")
+        im.thumbnail((side, side))
+        return im
+
+
+def _features(img: Image.Image, tmp: Path, name: str, query: bool) -> ImageFeatures:
+    path = tmp / f"{name}.jpg"
+    img.save(path, quality=92)
+    return extract_image(path, load_config()["local_fea"], mirror=query)
+
+
+def _score(query: ImageFeatures, ref: ImageFeatures) -> tuple[float, float]:
+    """(calibrated local score, inlier coverage) of a query against a reference."""
+    conf = load_config()
+    result = verify(query.views["orig"], ref.views["orig"], (query.thumb, query.size),
+                    (ref.thumb, ref.size), conf["match_score"], conf["local_fea"]["short_side"])
+    model = ScoreModel.load(REPO_ROOT / conf["match_score"]["score_model"])
+    row = dict(zip(("matches", "inliers", "inliers_h1", "inliers_h2", "dense_agree",
+                    "dense_cells", "coverage"), result.row(), strict=True))
+    return float(model.predict([row])[0]), result.coverage
+
+
+def test_small_copy_chain_pastes_the_photo_small_under_overlays() -> None:
+    img = _photo(0)
+    for seed in range(6):
+        out = small_copy_chain(img, np.random.default_rng(seed), max_side=640)
+        assert out.label.startswith("onto_bg") and out.label.split("+")[-1].startswith("jpeg")
+        corners = np.array([[0, 0, 1], [img.width - 1, img.height - 1, 1]], float) @ \
+            out.transform.T
+        corners = corners[:, :2] / corners[:, 2:]
+        side = (corners[1] - corners[0]) / np.array(out.image.size)
+        assert 0.1 < side.max() <= 0.61, (out.label, side)  # 25-60 % of the frame it is in
+        assert max(out.image.size) <= 640
+
+
+def test_made_look_alike_shares_the_background_not_the_object() -> None:
+    bg, a, b = _photo(1, 640), _photo(2), _photo(3)
+    ref, lookalike = made_pair(bg, (a, b), np.random.default_rng(0))
+    assert ref.size == lookalike.size and ref.size != bg.size
+    # the same background point sits at a shifted place in the two views
+    assert not np.array_equal(np.asarray(ref), np.asarray(lookalike))
+
+
+def test_a_made_look_alike_scores_below_a_copy_of_the_same_photos(tmp_path: Path) -> None:
+    """The reference and its look-alike share a background; an edited copy of the reference
+    (crop, colour, JPEG) keeps everything. The copy must score higher, and its inliers cover
+    more of the overlap."""
+    found = 0
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        bg, a, b = (_photo(i, 640) for i in rng.choice(len(demo_references()), 3, False))
+        ref_img, lookalike_img = made_pair(bg, (a, b), rng)
+        copy_img = random_chain(ref_img, rng, (), (2, 2), ("crop", "color", "jpeg")).image
+        ref = _features(ref_img, tmp_path, f"r{seed}", False)
+        copy_score, copy_cover = _score(_features(copy_img, tmp_path, f"c{seed}", True), ref)
+        look_score, look_cover = _score(_features(lookalike_img, tmp_path, f"l{seed}", True),
+                                         ref)
+        assert copy_score > look_score, (seed, copy_score, look_score)
+        if look_score > 0:
+            found += 1
+            assert copy_cover > look_cover, (seed, copy_cover, look_cover)
+    assert found >= 2  # the look-alikes do verify: the background is shared
+
+
+def test_small_copy_benchmark_has_small_pastes_only(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in demo_references()[:12]:
+        _photo(demo_references().index(path), 300).save(photos / path.name)
+    out = make_benchmark(photos, tmp_path / "bench", 4, 3, 2, 0, max_side=300,
+                         chain="small_copy")
+    edits = read_csv(out / "edits.csv")
+    assert len(edits) == 5 and all(r["edits"].startswith("onto_bg") for r in edits)
+    with pytest.raises(ValueError, match="unknown chain"):
+        make_benchmark(photos, tmp_path / "other", 4, 3, 2, 0, chain="nope")
+
+
+def test_look_alike_benchmark_never_makes_a_look_alike_a_reference(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    refs = demo_references()[:16]
+    for path in refs:
+        _photo(refs.index(path), 300).save(photos / path.name)
+    groups = tmp_path / "groups.csv"
+    write_csv(groups, ("group", "photo"), [("G0", refs[0].stem), ("G0", refs[1].stem),
+                                           ("G0", refs[2].stem), ("G1", refs[3].stem),
+                                           ("G2", "not_here")])
+    out = make_lookalike(photos, tmp_path / "bench", groups, n_made=2, n_refs=4,
+                         n_positives=2, n_distractors=1, seed=0, max_side=300)
+    gt = {r["query_id"]: r["reference_id"] for r in read_csv(out / "gt.csv")}
+    edits = {r["query_id"]: r["edits"] for r in read_csv(out / "edits.csv")}
+    kinds = [e.split("+")[0] for e in edits.values()]
+    assert kinds.count("lookalike_real") == 2 and kinds.count("lookalike_made") == 2
+    assert all(gt[q] == "" for q, e in edits.items() if e.startswith("lookalike"))
+    # one reference per group (G0; G1 has one photo here), per made pair, and the fillers
+    assert len(list((out / "referenceimages").glob("*.jpg"))) == 1 + 2 + 4
+    assert sum(1 for r in gt.values() if r) == 1 + 2 + 2
+
+
+def test_groups_are_connected_components() -> None:
+    assert groups_of([("b", "c"), ("a", "b"), ("x", "y")]) == [["a", "b", "c"], ["x", "y"]]
+    assert groups_of([]) == []
+
+
+@pytest.mark.slow
+def test_small_pasted_copies_are_found_end_to_end(tmp_path: Path) -> None:
+    """Four references pasted at 35-45 % of another photo's side, under text and JPEG, among
+    20 references; four distractors made the same way from photos that are not references.
+    (Demo reference 1, a night photo, is left out: at that size it keeps too few keypoints
+    and the detector misses it; README, Look-alikes and small copies.)"""
+    photos = demo_references()
+    refs, queries = tmp_path / "refs", tmp_path / "queries"
+    refs.mkdir()
+    queries.mkdir()
+    for path in photos[:20]:
+        _photo(photos.index(path), 640).save(refs / path.name)
+    backgrounds = photos[30:]
+    rows = []
+    for q, source in enumerate([0, 2, 3, 4, 20, 21, 22, 23]):
+        rng = np.random.default_rng(q)
+        out = onto_bg(_photo(source, 640), rng, backgrounds, frac_range=(0.35, 0.45))
+        for name in ("text", "jpeg"):
+            out = then(out, apply_edit(name, out.image, rng))
+        out.image.save(queries / f"Q{q:05d}.jpg", quality=90)
+        rows.append((f"Q{q:05d}", photos[source].stem if source < 20 else ""))
+    write_csv(tmp_path / "gt.csv", ("query_id", "reference_id"), rows)
+    sub = run_pipeline(queries, refs, tmp_path / "work", tmp_path / "submission.csv")
+    metrics = evaluate(load_predictions(sub), load_ground_truth(tmp_path / "gt.csv"))
+    assert metrics.recall_at_rank1 == 1.0 and metrics.micro_ap >= 0.9, metrics.to_dict()
