@@ -463,6 +463,7 @@ def stripes(img: Image.Image, rng: Rng) -> Edited:
     side = h if horizontal else w
     n = int(rng.integers(2, 7))
     width = max(2, round(side * rng.uniform(0.15, 0.4) / n))
+    n = min(n, max(1, side - width))  # a tiny image holds fewer bands
     mask = Image.new("L", img.size, 0)
     draw = ImageDraw.Draw(mask)
     for start in rng.choice(max(1, side - width), n, replace=False):

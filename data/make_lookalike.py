@@ -5,20 +5,26 @@
 
 A *look-alike* of a photo is another photo of the same setting: the next garment on the same
 hanger, the same cat in the same room. It shares much with the reference, yet it is not a copy.
-Two kinds, each group giving one reference, an edited copy of it (a positive query) and its
-look-alikes, lightly edited, as distractor queries (never references):
+Two kinds of groups:
 
 - real: groups of different training photos of one setting (``--groups``, a CSV
   ``group,photo`` written by ``data.mine_lookalikes``; the shipped ``data/lookalike_groups.csv``
   by default); a group's photos outside ``--photos`` are left out;
 - made: two overlapping windows of one background photo, each holding a different object
-  photo at about the same place of the background (40-60 % of the window's area: more than
-  the largest ``occlude`` edit leaves covered, so a made look-alike is never an occluded copy).
+  photo (cut to the window's shape) at about the same place of the background, over 50-65 %
+  of the window's area: more than the largest ``occlude`` edit (45 %) covers, so a made
+  look-alike is never an occluded copy.
+
+Every other group is a *query* group: its first photo is a reference with an edited copy
+among the queries, the others are lightly edited queries with no copy (``lookalike_real`` /
+``lookalike_made`` first in their ``edits.csv`` label). The others are *sibling* groups: every
+photo is a reference with an edited copy among the queries (``sibling_real`` /
+``sibling_made``), so a copy has its reference's look-alikes among the references too, as it
+would in a large reference set.
 
 ``--refs`` more photos complete the reference set, with ``--positives`` copies among the
 queries and ``--distractors`` edited photos that are not references, as in
-``data.make_benchmark``, whose layout this is (``edits.csv`` labels: ``lookalike_real`` /
-``lookalike_made`` first for the look-alike queries). ``gt.csv`` is written last.
+``data.make_benchmark``, whose layout this is. ``gt.csv`` is written last.
 """
 
 from __future__ import annotations
@@ -72,17 +78,25 @@ def _window(size: tuple[int, int], frac: float, rng: np.random.Generator) -> np.
 
 def _shifted(window: np.ndarray, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     """``window`` moved by 3-10 % of its sides, kept inside ``size``."""
-    x0, y0, w, h = window
-    dx, dy = (rng.uniform(0.03, 0.1) * rng.choice([-1, 1]) * v for v in (w, h))
-    return np.array([np.clip(round(x0 + dx), 0, size[0] - w),
-                     np.clip(round(y0 + dy), 0, size[1] - h), w, h])
+    moved = window.copy()
+    for axis in (0, 1):
+        step = round(rng.uniform(0.03, 0.1) * rng.choice([-1, 1]) * window[2 + axis])
+        room = size[axis] - window[2 + axis]  # where the window's corner may go: 0..room
+        if not 0 <= window[axis] + step <= room:
+            step = -step  # no room that way: the other way
+        moved[axis] = np.clip(window[axis] + step, 0, room)
+    return moved
 
 
 def _paste(view: Image.Image, obj: Image.Image, centre: np.ndarray, area: float) -> Image.Image:
-    """``view`` with ``obj`` resized to ``area`` of it (aspect kept, inside it) at ``centre``."""
-    f = min(np.sqrt(area * view.width * view.height / (obj.width * obj.height)),
-            view.width / obj.width, view.height / obj.height)
-    small = obj.resize((max(1, round(obj.width * f)), max(1, round(obj.height * f))),
+    """``view`` with the middle of ``obj``, cut to the view's shape and resized to ``area`` of
+    it, at ``centre`` (moved inside the view where it would stick out)."""
+    aspect = view.width / view.height
+    w, h = min(obj.width, round(obj.height * aspect)), min(obj.height, round(obj.width / aspect))
+    obj = obj.crop(((obj.width - w) // 2, (obj.height - h) // 2,
+                    (obj.width - w) // 2 + w, (obj.height - h) // 2 + h))
+    side = np.sqrt(area)
+    small = obj.resize((max(1, round(view.width * side)), max(1, round(view.height * side))),
                        Image.Resampling.LANCZOS)
     x = int(np.clip(round(centre[0] - small.width / 2), 0, view.width - small.width))
     y = int(np.clip(round(centre[1] - small.height / 2), 0, view.height - small.height))
@@ -94,11 +108,11 @@ def _paste(view: Image.Image, obj: Image.Image, centre: np.ndarray, area: float)
 def made_pair(background: Image.Image, objects: tuple[Image.Image, Image.Image],
               rng: np.random.Generator) -> tuple[Image.Image, Image.Image]:
     """(reference, look-alike): two overlapping windows of ``background``, each with one of
-    ``objects`` near the same background point, covering 40-60 % of the window."""
+    ``objects`` near the same background point, covering 50-65 % of the window."""
     first = _window(background.size, rng.uniform(0.7, 0.85), rng)
     second = _shifted(first, background.size, rng)
     spot = first[:2] + first[2:] * rng.uniform(0.4, 0.6, 2)  # background coordinates
-    area = rng.uniform(0.4, 0.6)
+    area = rng.uniform(0.5, 0.65)
     views = []
     for window, obj in zip((first, second), objects, strict=True):
         x0, y0, w, h = (int(v) for v in window)
@@ -114,6 +128,8 @@ def make_lookalike(photos: str | Path, out: str | Path, groups: str | Path | Non
                    force: bool = False) -> Path:
     """Build the look-alike benchmark of the module docstring in ``out``; return ``out``."""
     out = Path(out)
+    if n_positives and not n_refs:
+        raise ValueError("positives need at least one reference")
     pool = readable_photos(photos)
     real = read_groups(groups, pool) if groups else []
     rng = np.random.default_rng(seed)
@@ -132,20 +148,28 @@ def make_lookalike(photos: str | Path, out: str | Path, groups: str | Path | Non
         clean_stale_tmp(folder)
 
     references: list[Image.Image | Path] = []
-    queries: list[tuple[str, int | None, Image.Image | Path]] = []  # (kind, reference, source)
-    for group in real:
-        queries.append(("", len(references), group[0]))
-        queries += [("lookalike_real", None, p) for p in group[1:]]
-        references.append(group[0])
+    queries: list[tuple[str, bool, int | None, Image.Image | Path]] = []  # (label, light edits,
+    #                                                                        reference, source)
+
+    def add_group(kind: str, members: Sequence[Image.Image | Path], siblings: bool) -> None:
+        for k, member in enumerate(members):
+            if siblings or k == 0:
+                queries.append((f"sibling_{kind}" if siblings else "", False, len(references),
+                                member))
+                references.append(member)
+            else:
+                queries.append((f"lookalike_{kind}", True, None, member))
+
+    for g, group in enumerate(real):
+        add_group("real", group, siblings=g % 2 == 1)
     for i in range(n_made):
         bg, a, b = (load_photo(p, max_side) for p in made_photos[3 * i:3 * i + 3])
-        ref, lookalike = made_pair(bg, (a, b), np.random.default_rng([seed, 1, i]))
-        queries += [("", len(references), ref), ("lookalike_made", None, lookalike)]
-        references.append(ref)
+        add_group("made", made_pair(bg, (a, b), np.random.default_rng([seed, 1, i])),
+                  siblings=i % 2 == 1)
     for i in rng.choice(n_refs, n_positives, replace=n_positives > n_refs) if n_refs else ():
-        queries.append(("", len(references) + int(i), fillers[i]))
+        queries.append(("", False, len(references) + int(i), fillers[i]))
     references += fillers
-    queries += [("", None, p) for p in distractor_sources]
+    queries += [("", False, None, p) for p in distractor_sources]
     queries = [queries[i] for i in rng.permutation(len(queries))]
 
     def image(source: Image.Image | Path) -> Image.Image:
@@ -156,16 +180,16 @@ def make_lookalike(photos: str | Path, out: str | Path, groups: str | Path | Non
         for i, source in enumerate(references):
             save_jpeg(image(source), out / REF_DIR / f"R{i:06d}.jpg", 95)
             bar.update()
-        for q, (kind, ref, source) in enumerate(queries):
+        for q, (label, light, ref, source) in enumerate(queries):
             q_rng = np.random.default_rng([seed, 2, q])
             edited: Edited = (random_chain(image(source), q_rng, backgrounds, (1, 2), LIGHT_KINDS,
-                                           max_query_side) if kind else
+                                           max_query_side) if light else
                               random_chain(image(source), q_rng, backgrounds,
                                            max_side=max_query_side))
             qid = f"Q{q:05d}"
             save_jpeg(edited.image, out / QUERY_DIR / f"{qid}.jpg", 90)
             gt.append((qid, "" if ref is None else f"R{ref:06d}"))
-            edits.append((qid, "+".join(filter(None, (kind, edited.label)))))
+            edits.append((qid, "+".join(filter(None, (label, edited.label)))))
             if ref is not None:
                 transforms[qid] = transform_rows(edited.transform)
             bar.update()

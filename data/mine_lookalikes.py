@@ -66,6 +66,10 @@ def contact_sheet(pairs: Sequence[tuple[str, str]], scores: Sequence[float], pho
                   out: Path, columns: int = 4) -> None:
     """The pairs side by side with their scores, ``columns`` pairs a row."""
     paths = {p.stem: p for p in list_images(photos).paths}
+    unknown = sorted({i for pair in pairs for i in pair} - set(paths))
+    if unknown:
+        raise FileNotFoundError(f"{len(unknown)} paired image(s) not in {photos} (e.g. "
+                                f"{unknown[0]}): give the --photos the run used")
     rows = (len(pairs) + columns - 1) // columns
     sheet = Image.new("RGB", (columns * (2 * THUMB + 10), rows * (THUMB + 14)), "white")
     draw = ImageDraw.Draw(sheet)
@@ -90,9 +94,10 @@ def mine(work: str | Path, photos: str | Path, out: str | Path, min_score: float
             } if same_photo else set()
     kept = sorted(p for p in scores if p not in same)
     groups = groups_of(kept)
+    if kept:
+        contact_sheet(kept, [scores[p] for p in kept], Path(photos), out.with_suffix(".png"))
     write_csv(out, ("group", "photo"), [(f"G{g:04d}", photo) for g, members in enumerate(groups)
                                         for photo in members])
-    contact_sheet(kept, [scores[p] for p in kept], Path(photos), out.with_suffix(".png"))
     log.info("%d pairs of different photos scored >= %s (%d left out as the same photo): "
              "%d groups, %d photos -> %s", len(scores), min_score, len(scores) - len(kept),
              len(groups), sum(map(len, groups)), out)

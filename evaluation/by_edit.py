@@ -38,10 +38,15 @@ def restrict(gt: GroundTruth, queries: Iterable[str]) -> GroundTruth:
     return GroundTruth(keep, frozenset(p for p in gt.positives if p[0] in keep))
 
 
+def with_kinds(gt: GroundTruth, edits: dict[str, str], kinds: Sequence[str]) -> GroundTruth:
+    """The ground truth of the queries whose edit chain has any of ``kinds``."""
+    return restrict(gt, [q for q, chain in edits.items() if edit_kinds(chain) & set(kinds)])
+
+
 def subset_metrics(predictions, gt: GroundTruth, edits: dict[str, str],
                    kinds: Sequence[str]) -> tuple[int, Metrics]:
     """(number of queries, metrics) on the queries having any of ``kinds``."""
-    subset = restrict(gt, [q for q, chain in edits.items() if edit_kinds(chain) & set(kinds)])
+    subset = with_kinds(gt, edits, kinds)
     return len(subset.queries), evaluate(predictions, subset)
 
 
@@ -74,8 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"no query of {args.edits} has the edit kind(s) {unknown}; its kinds: "
                 f"{', '.join(sorted(known))}")
     subsets = [("+".join(kinds), kinds)] + [(k, [k]) for k in kinds if len(kinds) > 1]
-    rows = [(name, restrict(gt, [q for q, chain in edits.items() if edit_kinds(chain) & set(ks)]))
-            for name, ks in subsets] + [("all", gt)]
+    rows = [(name, with_kinds(gt, edits, ks)) for name, ks in subsets] + [("all", gt)]
     above = "" if args.above is None else f"{'false/100q':>12}"
     print(f"{'queries':<24}{'n':>5}{'pos':>5}{'micro-AP':>10}{'R@P90':>8}{'R@1':>8}{above}")
     for name, sub in rows:

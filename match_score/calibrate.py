@@ -23,7 +23,7 @@ import numpy as np
 
 import pipeline
 from common import cli
-from common.config import REPO_ROOT
+from common.config import REPO_ROOT, digest, file_digest
 from common.images import list_images
 from common.io import read_csv
 from common.logs import start_run
@@ -68,11 +68,11 @@ def run_local_branch(conf: dict[str, Any], bench: Path, work_dir: Path) -> list[
 
 def benchmarks(photos: str | Path, work_dir: Path) -> list[Path]:
     """The two training benchmarks (built once): copies, and look-alikes of the fit part."""
-    root = work_dir / "calibration"
-    copies = root / f"benchmark-{BENCHMARK['seed']}"
+    root = work_dir / "calibration"  # folders named after what they are made of
+    copies = root / f"benchmark-{digest(BENCHMARK)}"
     if not (copies / "gt.csv").exists():
         make_benchmark(photos, copies, force=True, **BENCHMARK)
-    lookalikes = root / f"lookalike-{LOOKALIKE['seed']}"
+    lookalikes = root / f"lookalike-{digest(LOOKALIKE, file_digest(GROUPS))}"
     if not (lookalikes / "gt.csv").exists():
         fit = split_photos(photos, root / "trainsplit")["fit"]
         make_lookalike(fit, lookalikes, GROUPS, force=True, **LOOKALIKE)

@@ -146,12 +146,14 @@ def inlier_coverage(H: np.ndarray, inliers: np.ndarray, ref_kpts: np.ndarray,
     """Share of the textured overlap holding inliers. The reference is cut into ``grid`` x
     ``grid`` cells; a cell is textured when one of ``ref_kpts`` in it maps (``H``: query ->
     reference) inside the query, covered when one of ``inliers`` (reference points) is in it."""
-    try:
-        back = cv2.perspectiveTransform(ref_kpts[None, :, :2].astype(np.float64),
-                                        np.linalg.inv(H))[0]
-    except np.linalg.LinAlgError:
+    if not np.isfinite(H).all() or abs(np.linalg.det(H)) < 1e-12:
         return 0.0
-    inside = ((back >= -0.5) & (back <= np.array(size_q) - 0.5)).all(1)
+    homogeneous = np.c_[ref_kpts[:, :2].astype(np.float64), np.ones(len(ref_kpts))]
+    back = homogeneous @ np.linalg.inv(H).T
+    w = back[:, 2]
+    ahead = w > 1e-9  # points at or behind the horizon map nowhere in the query
+    xy = back[:, :2] / np.where(ahead, w, 1.0)[:, None]
+    inside = ahead & ((xy >= -0.5) & (xy <= np.array(size_q) - 0.5)).all(1)
 
     def cells(points: np.ndarray) -> np.ndarray:
         ij = np.floor((points + 0.5) / np.array(size_r) * grid).astype(np.int64)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common import UserError
 from common.logistic import LogisticModel
 
 FEATURES = ("log_inliers", "inlier_ratio", "dense_agree", "dense_evidence", "log_matches",
@@ -23,6 +24,11 @@ DENSE_FULL = 64  # informative cells at which photometric evidence counts fully
 
 def feature_matrix(rows: Sequence[Mapping[str, object]]) -> np.ndarray:
     """Model inputs from verification rows (dicts with ``geometry.FIELDS`` keys)."""
+    stale = [f for f in ("coverage",) if rows and f not in rows[0]]
+    if stale:
+        raise UserError(f"verified pairs without {stale} (written by an older version): "
+                        "verify them again (`copydet verify`, or `copydet run`)")
+
     def col(name: str) -> np.ndarray:
         return np.array([float(r[name]) for r in rows], np.float64)
 

@@ -23,7 +23,7 @@ import numpy as np
 
 import pipeline
 from common import cli
-from common.config import REPO_ROOT
+from common.config import REPO_ROOT, digest
 from common.images import list_images
 from common.io import read_csv
 from common.logs import start_run
@@ -42,10 +42,10 @@ def benchmarks(photos: str | Path, work_dir: Path) -> list[Path]:
     """The calibration benchmarks of the ``calib`` photos (built once)."""
     root = work_dir / "calibration"
     calib = split_photos(photos, root / "trainsplit")["calib"]
-    copies = root / f"fusion-benchmark-{BENCHMARK['seed']}"
+    copies = root / f"fusion-benchmark-{digest(BENCHMARK)}"  # named after what it is made of
     if not (copies / "gt.csv").exists():
         make_benchmark(calib, copies, force=True, **BENCHMARK)
-    lookalikes = root / f"fusion-lookalike-{LOOKALIKE['seed']}"
+    lookalikes = root / f"fusion-lookalike-{digest(LOOKALIKE)}"
     if not (lookalikes / "gt.csv").exists():
         make_lookalike(calib, lookalikes, force=True, **LOOKALIKE)
     return [copies, lookalikes]
@@ -67,7 +67,7 @@ def labels_of(table: PairTable, gt: Path) -> np.ndarray:
 
 def main(conf: dict[str, Any], photos: str | Path, work_dir: str | Path,
          out: str | Path | None = None) -> Path:
-    """Build the benchmark, gather the fusion features of its candidates, fit, write."""
+    """Build the benchmarks, gather the fusion features of their candidates, fit, write."""
     work_dir = Path(work_dir)
     tables = [(benchmark_table(conf, bench, work_dir), bench)
               for bench in benchmarks(photos, work_dir)]

@@ -47,12 +47,17 @@ def submission_rows(scores: Mapping[Pair, float], max_pairs: int) -> list[tuple]
     return [(q, r, f"{s:.9g}") for (q, r), s in ranked]
 
 
+def fusion_model(conf: dict[str, Any], branches: Sequence[BranchEvidence]) -> FusionModel:
+    """The fusion model for ``branches``; one fitted for other branches is a ``UserError``
+    naming the command that refits it."""
+    return FusionModel.load(REPO_ROOT / conf[STAGE]["fusion_model"], feature_names(branches))
+
+
 def fused_scores(conf: dict[str, Any], branches: Sequence[BranchEvidence],
                  pair_files: Mapping[str, Path], folder: Path,
                  drop_self: bool) -> tuple[PairTable, np.ndarray]:
     """The candidate table and the calibrated fusion score of every pair."""
-    features = feature_names(branches)  # checked before the costly fills
-    model = FusionModel.load(REPO_ROOT / conf[STAGE]["fusion_model"], features)
+    model = fusion_model(conf, branches)  # checked before the costly fills
     table = gather(conf, branches, pair_files, folder, drop_self)
     return table, model.score(table)
 

@@ -181,6 +181,8 @@ def _run(conf: dict[str, Any], query_set: ImageSet, reference_set: ImageSet, wor
          out: str | Path | None) -> Path:
     """``run`` on two listed image sets, the work folder held."""
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    if conf["merge"]["method"] == "fusion":  # a model for other branches: stop before any runs
+        fuse.fusion_model(conf, selected(conf["merge"]["branches"]))
     record = Record()
     outputs = run_branches(conf, query_set, reference_set, work, record)
     pair_files = {name: o["pairs"] for name, o in outputs.items()}

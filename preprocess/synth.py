@@ -66,7 +66,7 @@ POST_EDITS = ("text", "emoji", "color", "gray", "blur", "jpeg", "noise", "scale"
               "sharpen", "pixelize", "stripes", "opacity")
 NEGATIVE_EDITS = ("crop", "rotate", "rot90", "hflip", "vflip", "scale", "aspect", "perspective",
                   "color", "gray", "blur", "jpeg", "noise", "sharpen", "pixelize", "occlude",
-                  "text", "emoji")
+                  "text", "emoji", "stripes", "opacity")
 CHUNK = 64
 SAMPLE_COLUMNS = ["split", "name", "kind", "edits", "x1", "y1", "x2", "y2"]
 

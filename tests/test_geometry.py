@@ -131,3 +131,4 @@ def test_inlier_coverage_is_the_share_of_the_textured_overlap_holding_inliers() 
     assert inlier_coverage(crop, kpts[:0], kpts, (300, 400), (400, 400), grid=4) == 0.0
     far = np.array([[1, 0, 1000], [0, 1, 0], [0, 0, 1]], float)  # no overlap at all
     assert inlier_coverage(far, left, kpts, (300, 400), (400, 400), grid=4) == 0.0
+    assert inlier_coverage(np.full((3, 3), np.nan), left, kpts, (300, 400), (400, 400), 4) == 0.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -61,10 +62,26 @@ def test_small_copy_chain_pastes_the_photo_small_under_overlays() -> None:
 
 
 def test_made_look_alike_shares_the_background_not_the_object() -> None:
-    bg, a, b = _photo(1, 640), _photo(2), _photo(3)
-    ref, lookalike = made_pair(bg, (a, b), np.random.default_rng(0))
-    assert ref.size == lookalike.size and ref.size != bg.size
-    # the same background point sits at a shifted place in the two views
+    """Two flat objects (red, blue) on one photo: each view holds its own object over 50-65 %
+    of it and none of the other's, and a corner of the background, outside both objects, is
+    found again in the other view, shifted."""
+    bg = _photo(1, 640)
+    red, blue = Image.new("RGB", (200, 150), (255, 0, 0)), Image.new("RGB", (90, 160), (0, 0, 255))
+    for seed in range(3):
+        ref, lookalike = made_pair(bg, (red, blue), np.random.default_rng(seed))
+        assert ref.size == lookalike.size and ref.size != bg.size
+        for view, own, other in ((ref, (255, 0, 0), (0, 0, 255)),
+                                 (lookalike, (0, 0, 255), (255, 0, 0))):
+            pixels = np.asarray(view).reshape(-1, 3)
+            assert 0.49 < (pixels == own).all(1).mean() < 0.66
+            assert not (pixels == other).all(1).any()
+        # the corner on the side the second window moved to is in both views (the objects
+        # never reach a corner), at a shifted place
+        view = np.asarray(ref)
+        corners = [view[:20, :20], view[:20, -20:], view[-20:, :20], view[-20:, -20:]]
+        found = [cv2.matchTemplate(np.asarray(lookalike), c, cv2.TM_SQDIFF_NORMED).min()
+                 for c in corners]
+        assert min(found) < 1e-3, found
     assert not np.array_equal(np.asarray(ref), np.asarray(lookalike))
 
 
@@ -117,11 +134,14 @@ def test_look_alike_benchmark_never_makes_a_look_alike_a_reference(tmp_path: Pat
     gt = {r["query_id"]: r["reference_id"] for r in read_csv(out / "gt.csv")}
     edits = {r["query_id"]: r["edits"] for r in read_csv(out / "edits.csv")}
     kinds = [e.split("+")[0] for e in edits.values()]
-    assert kinds.count("lookalike_real") == 2 and kinds.count("lookalike_made") == 2
+    # G0 (G1 has one photo here) and the first made pair are query groups, the second made
+    # pair a sibling group: both its views are references, each with a copy
+    assert kinds.count("lookalike_real") == 2 and kinds.count("lookalike_made") == 1
+    assert kinds.count("sibling_made") == 2
     assert all(gt[q] == "" for q, e in edits.items() if e.startswith("lookalike"))
-    # one reference per group (G0; G1 has one photo here), per made pair, and the fillers
-    assert len(list((out / "referenceimages").glob("*.jpg"))) == 1 + 2 + 4
-    assert sum(1 for r in gt.values() if r) == 1 + 2 + 2
+    assert all(gt[q] for q, e in edits.items() if e.startswith("sibling"))
+    assert len(list((out / "referenceimages").glob("*.jpg"))) == 1 + 1 + 2 + 4
+    assert sum(1 for r in gt.values() if r) == 1 + 1 + 2 + 2
 
 
 def test_groups_are_connected_components() -> None:
@@ -154,3 +174,13 @@ def test_small_pasted_copies_are_found_end_to_end(tmp_path: Path) -> None:
     sub = run_pipeline(queries, refs, tmp_path / "work", tmp_path / "submission.csv")
     metrics = evaluate(load_predictions(sub), load_ground_truth(tmp_path / "gt.csv"))
     assert metrics.recall_at_rank1 == 1.0 and metrics.micro_ap >= 0.9, metrics.to_dict()
+
+
+def test_stripes_and_opacity_on_tiny_images() -> None:
+    from common.edits import opacity, stripes
+
+    for size in ((3, 3), (5, 40), (40, 5)):
+        img = Image.new("RGB", size, (120, 130, 140))
+        for seed in range(20):
+            assert stripes(img, np.random.default_rng(seed)).image.size == size
+            assert opacity(img, np.random.default_rng(seed)).image.size == size

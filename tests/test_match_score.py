@@ -141,3 +141,10 @@ def test_calibration_verifies_without_a_score_model(tmp_path: Path) -> None:
     assert rows and "score" not in rows[0]
     keys = [(r["query_id"], r["reference_id"], r["view"]) for r in rows]
     assert keys == sorted(keys) and any(int(r["inliers"]) > 0 for r in rows)
+
+
+def test_pairs_verified_by_an_older_version_are_a_user_error() -> None:
+    model = ScoreModel.load(REPO_ROOT / load_config()["match_score"]["score_model"])
+    old = [{"inliers": 9, "matches": 12, "dense_agree": 0.8, "dense_cells": 40}]
+    with pytest.raises(UserError, match="verify them again"):
+        model.predict(old)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import subprocess
 from pathlib import Path
 
@@ -51,6 +52,10 @@ def test_gather_unions_pairs_and_fills_missing_evidence(tmp_path: Path) -> None:
     assert calls == [("costly", [("q1", "r2")]), ("cheap", [("q1", "r1")])]
     assert table.x.tolist() == [[3.0, 0.5, 0.5], [0.5, 0.7, 0.2], [-1.0, 0.6, 0.1],
                                 [2.0, 0.9, 0.4]]
+    # a branch with the gap: its first feature less the best of the query's pairs, after fills
+    gapped = gather(conf, [dataclasses.replace(costly, gap=True), cheap], files, tmp_path)
+    assert gapped.features == ["c", "c_gap", "s", "n"]
+    assert gapped.x[:, 1].tolist() == [0.0, -2.5, -4.0, 0.0]
 
 
 def test_top_ranked_is_per_query() -> None:
