@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -144,6 +145,19 @@ def report_errors(call: Callable[[], Any], work: Path | None = None) -> Any:
     if result is not None:
         print(result)
     return result
+
+
+def run_script(call: Callable[[], Any]) -> int:
+    """The body of a standalone script (the benchmark builders of ``data/``): progress and
+    INFO logs on stderr; a missing or already written folder, an unknown id or a number out
+    of range is one logged line and exit ``EXIT_USER_ERROR`` instead of a traceback."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        call()
+    except (FileExistsError, FileNotFoundError, KeyError, ValueError, UserError) as err:
+        logging.getLogger(__name__).error("%s", err)
+        return EXIT_USER_ERROR
+    return 0
 
 
 def run_module(module: str, argv: Sequence[str] | None = None) -> Any:

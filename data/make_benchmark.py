@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from common import cli
 from common.edits import random_chain, small_copy_chain
 from common.images import ImageError, list_images, read_image, resize_long_side
 from common.io import atomic_path, clean_stale_tmp, write_csv, write_json
@@ -201,16 +202,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="query edits: random chains, or small pasted copies with overlays")
     parser.add_argument("--force", action="store_true", help="overwrite an existing benchmark")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        make_benchmark(args.photos, args.out, args.refs, args.positives, args.distractors,
-                       args.seed, max_side=args.max_side, max_query_side=args.max_query_side,
-                       ref_quality=args.ref_quality, query_quality=args.query_quality,
-                       force=args.force, chain=args.chain)
-    except (FileExistsError, FileNotFoundError, ValueError) as err:
-        log.error("%s", err)
-        return 2
-    return 0
+    return cli.run_script(lambda: make_benchmark(
+        args.photos, args.out, args.refs, args.positives, args.distractors, args.seed,
+        max_side=args.max_side, max_query_side=args.max_query_side,
+        ref_quality=args.ref_quality, query_quality=args.query_quality, force=args.force,
+        chain=args.chain))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from common import cli
 from common.edits import Edited, random_chain
 from common.io import clean_stale_tmp, read_csv
 from data.make_benchmark import (
@@ -214,14 +215,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="overwrite an existing benchmark")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        make_lookalike(args.photos, args.out, args.groups, args.made, args.refs, args.positives,
-                       args.distractors, args.seed, force=args.force)
-    except (FileExistsError, FileNotFoundError, ValueError) as err:
-        log.error("%s", err)
-        return 2
-    return 0
+    return cli.run_script(lambda: make_lookalike(
+        args.photos, args.out, args.groups, args.made, args.refs, args.positives,
+        args.distractors, args.seed, force=args.force))
 
 
 if __name__ == "__main__":

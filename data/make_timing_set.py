@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from common import cli
 from common.config import digest
 from common.edits import random_chain
 from common.io import clean_stale_tmp
@@ -71,16 +72,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="overwrite an existing benchmark")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        size = args.refs + args.distractors + args.backgrounds
-        pool = grow_pool(args.photos, args.out, size, args.seed)
+    def build() -> None:
+        pool = grow_pool(args.photos, args.out, args.refs + args.distractors + args.backgrounds,
+                         args.seed)
         make_benchmark(pool, args.out, args.refs, args.positives, args.distractors, args.seed,
                        force=args.force)
-    except (FileExistsError, ValueError) as err:
-        log.error("%s", err)
-        return 2
-    return 0
+
+    return cli.run_script(build)
 
 
 if __name__ == "__main__":

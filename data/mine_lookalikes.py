@@ -23,6 +23,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from common import cli
 from common.images import list_images, read_image
 from common.io import atomic_path, read_csv, write_csv
 
@@ -35,6 +36,9 @@ THUMB = 160
 def scored_pairs(work: Path, min_score: float) -> dict[tuple[str, str], float]:
     """Unordered pairs of different images of the run in ``work`` scoring ``min_score`` or
     more (the best of both directions)."""
+    if not (work / "pipeline.json").is_file():
+        raise FileNotFoundError(f"no finished run in {work} (no pipeline.json): run `copydet "
+                                "run` there with the training photos as queries and references")
     record = json.loads((work / "pipeline.json").read_text())
     best: dict[tuple[str, str], float] = {}
     for row in read_csv(Path(record["submission"])):
@@ -115,13 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--same-photo", type=Path, default=SAME_PHOTO,
                         help="CSV photo_a,photo_b: pairs found to be one photo, left out")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        mine(args.work, args.photos, args.out, args.min_score, args.same_photo)
-    except (FileNotFoundError, KeyError) as err:
-        log.error("%s", err)
-        return 2
-    return 0
+    return cli.run_script(lambda: mine(args.work, args.photos, args.out, args.min_score,
+                                       args.same_photo))
 
 
 if __name__ == "__main__":
