@@ -98,6 +98,7 @@ def test_swin_b_esvit_teacher_checkpoint_loads(tmp_path: Path) -> None:
     teacher["module.head.mlp.0.weight"] = torch.zeros(4, 1024)  # the DINO head: ignored
     torch.save({"teacher": teacher, "epoch": 300}, tmp_path / "esvit.pth")
     model = weights.load_weights(GlobalDescriptor(conf), str(tmp_path / "esvit.pth"))
+    (tmp_path / "esvit.pth").unlink()  # 330 MB: not kept for the rest of the run
     for (k, v), w in zip(reference.backbone.state_dict().items(),
                          model.backbone.state_dict().values(), strict=True):
         assert torch.equal(v, w), k
