@@ -109,8 +109,11 @@ class OnnxDescriptor:
             export(model, path)
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        self.session = ort.InferenceSession(str(path), options,
-                                            providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(path), options,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as err:  # a corrupt or foreign file: the caller decides, as for export
+            raise ExportError(f"ONNX Runtime cannot load {path}: {err}") from err
         self.model = model
         self.check()
 
@@ -120,11 +123,14 @@ class OnnxDescriptor:
         with torch.inference_mode():
             expected = self.model(x).numpy()
         got = self(x).numpy()
+        if got.shape != expected.shape:
+            raise ExportError(f"the ONNX export gives descriptors of shape {got.shape}, torch "
+                              f"{expected.shape}")
         cosine = (got * expected).sum(1) / np.maximum(
             np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1), 1e-12)
-        if got.shape != expected.shape or not cosine.min() >= MIN_COSINE:
+        if not cosine.min() >= MIN_COSINE:  # NaN fails too
             raise ExportError(f"the ONNX export describes differently from torch (cosine "
-                              f"{float(np.min(cosine, initial=0)):.6f} < {MIN_COSINE})")
+                              f"{float(cosine.min()):.6f} < {MIN_COSINE})")
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, S, S) -> the network's normalised float input, contiguous NCHW."""

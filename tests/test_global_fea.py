@@ -244,6 +244,17 @@ def test_an_export_is_named_after_its_weights_and_checked_against_torch(tmp_path
     assert runtime.onnx_path(one, tmp_path) != runtime.onnx_path(two, tmp_path)
     # an export of other weights under this network's name is caught before any use
     runtime.export(two, runtime.onnx_path(one, tmp_path))
-    with pytest.raises(runtime.ExportError, match="describes differently"):
+    with pytest.raises(runtime.ExportError, match="describes differently") as caught:
+        runtime.OnnxDescriptor(one, tmp_path, 1)
+    cosine = float(re.search(r"cosine (-?[\d.]+)", str(caught.value)).group(1))
+    assert cosine != 0.0 and cosine < runtime.MIN_COSINE  # the measured cosine, not a floor
+    assert runtime.cpu_network(one, {"runtime": "auto"}, tmp_path, 1) is one
+    # an export of another shape and a file ONNX Runtime cannot read: refused the same way
+    other = GlobalDescriptor(ModelConf(image_size=64, proj_dim=16)).eval()
+    runtime.export(other, runtime.onnx_path(one, tmp_path))
+    with pytest.raises(runtime.ExportError, match="shape"):
+        runtime.OnnxDescriptor(one, tmp_path, 1)
+    runtime.onnx_path(one, tmp_path).write_bytes(b"not an onnx model")
+    with pytest.raises(runtime.ExportError, match="cannot load"):
         runtime.OnnxDescriptor(one, tmp_path, 1)
     assert runtime.cpu_network(one, {"runtime": "auto"}, tmp_path, 1) is one
