@@ -19,7 +19,8 @@ even as a background. Output, in the YOLO layout: ``images/<split>/<name>.jpg``,
 ``data.yaml`` and ``samples.csv`` (split, name, kind, edits, box in pixels). Sample ``i`` of a
 split has its own seed, so the set is reproducible bit for bit, and a larger split extends a
 smaller one; samples are written in chunks whose record is written last, so a restarted run
-redoes only unfinished chunks.
+redoes only unfinished chunks. A set made from other photos or with other settings
+(``generator.txt``) is made again, and samples beyond the requested sizes are removed.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ import yaml
 from PIL import Image
 
 from common import UserError
+from common.config import digest
 from common.edits import (
     Edited,
     map_points,
@@ -184,6 +187,35 @@ def write_chunk(chunk: Chunk, photos_by_split: dict[str, list[str]], out: Path, 
     return len(rows)
 
 
+def generator_digest(by_split: dict[str, list[Path]], seed: int, max_side: int) -> str:
+    """What the samples are made from and how: photos, seed, size and the mix of kinds and
+    edits (a set made otherwise is never resumed)."""
+    return digest({s: [str(p.resolve()) for p in ps] for s, ps in by_split.items()}, seed,
+                  max_side, KIND_WEIGHTS, PASTE_FRACTION, PASTE_OVERFLOW, PRE_EDITS, POST_EDITS,
+                  NEGATIVE_EDITS)
+
+
+def start_over_if_changed(out: Path, generator: str, log_to: logging.Logger) -> None:
+    """Remove the samples of a set made with another generator (``generator.txt``), then
+    record this one: chunks are resumed only when they were made the same way."""
+    stamp = out / "generator.txt"
+    if stamp.exists() and stamp.read_text().strip() != generator:
+        log_to.warning("%s was made with other photos or settings: making it again", out)
+        for folder in ("images", "labels", "parts"):
+            shutil.rmtree(out / folder, ignore_errors=True)
+    write_text(stamp, generator + "\n")
+
+
+def drop_extra_samples(out: Path, names: set[str]) -> None:
+    """Remove images and labels beyond this set's samples (left by a larger earlier set): the
+    trainer reads whole folders."""
+    for split in SPLITS:
+        for folder, suffix in (("images", ".jpg"), ("labels", ".txt")):
+            for path in (out / folder / split).glob(f"*{suffix}"):
+                if path.stem not in names:
+                    path.unlink()
+
+
 def make_dataset(photos: str | Path, out: str | Path, sizes: dict[str, int], seed: int = 0,
                  max_side: int = 640, n_jobs: int = -1) -> Path:
     """Write the synthetic YOLO dataset described in the module docstring; return data.yaml."""
@@ -191,6 +223,7 @@ def make_dataset(photos: str | Path, out: str | Path, sizes: dict[str, int], see
     run = start_run(out, "preprocess.synth")
     with run:
         by_split = split_photos(readable_photos(photos), seed)
+        start_over_if_changed(out, generator_digest(by_split, seed, max_side), run.logger)
         chunks = [Chunk(s, start, min(start + CHUNK, sizes[s]))
                   for s in SPLITS for start in range(0, sizes[s], CHUNK)]
         todo = [c for c in chunks if not c.record(out).exists()]
@@ -207,6 +240,7 @@ def make_dataset(photos: str | Path, out: str | Path, sizes: dict[str, int], see
                               total=sum(c.stop - c.start for c in todo), weight=int):
             pass
         rows = [[r[k] for k in SAMPLE_COLUMNS] for c in chunks for r in read_csv(c.record(out))]
+        drop_extra_samples(out, {r[1] for r in rows})
         write_csv(out / "samples.csv", SAMPLE_COLUMNS, rows)
         data = {"path": str(out.resolve()), **{s: f"images/{s}" for s in SPLITS},
                 "names": {0: "copy"}}

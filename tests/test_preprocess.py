@@ -93,6 +93,21 @@ def test_synthetic_set_is_deterministic_resumable_and_yolo_shaped(tmp_path: Path
             assert 0 < bw <= 1 and 0 < bh <= 1
     data = (a_root / "data.yaml").read_text()
     assert "images/train" in data and "copy" in data
+
+
+def test_a_synthetic_set_made_otherwise_is_made_again_and_never_keeps_extra_samples(
+        tmp_path: Path) -> None:
+    sizes, out = {"train": 4, "val": 1, "test": 1}, tmp_path / "set"
+    first = out / "images" / "train" / "train_000000.jpg"
+    synth.make_dataset(DATA / "referenceimages", out, sizes, seed=3, n_jobs=1)
+    seed_3 = first.read_bytes()
+    synth.make_dataset(DATA / "referenceimages", out, sizes, seed=4, n_jobs=1)
+    assert first.read_bytes() != seed_3  # not the seed-3 chunk resumed
+    synth.make_dataset(DATA / "referenceimages", out, {**sizes, "train": 2}, seed=4, n_jobs=1)
+    assert sorted(p.stem for p in (out / "images" / "train").iterdir()) == \
+        ["train_000000", "train_000001"]
+    assert len(list((out / "labels" / "train").iterdir())) == 2
+    assert len(read_csv(out / "samples.csv")) == 4
     photos = synth.split_photos(sorted((DATA / "referenceimages").glob("*.jpg")), 3)
     assert not set(photos["train"]) & set(photos["test"])
 
