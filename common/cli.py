@@ -148,15 +148,19 @@ def report_errors(call: Callable[[], Any], work: Path | None = None) -> Any:
 
 
 def run_script(call: Callable[[], Any]) -> int:
-    """The body of a standalone script (the benchmark builders of ``data/``): progress and
-    INFO logs on stderr; a missing or already written folder, an unknown id or a number out
-    of range is one logged line and exit ``EXIT_USER_ERROR`` instead of a traceback."""
+    """The body of a standalone script (the builders of ``data/``, ``preprocess.synth``):
+    progress and INFO logs on stderr, then ``report_errors``; a missing or already written
+    folder or a value out of range (``FileExistsError``, ``FileNotFoundError``,
+    ``ValueError``) is a user error like any other."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        call()
-    except (FileExistsError, FileNotFoundError, KeyError, ValueError, UserError) as err:
-        logging.getLogger(__name__).error("%s", err)
-        return EXIT_USER_ERROR
+
+    def checked() -> Any:
+        try:
+            return call()
+        except (FileExistsError, FileNotFoundError, ValueError) as err:
+            raise UserError(str(err)) from None
+
+    report_errors(checked)
     return 0
 
 

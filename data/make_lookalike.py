@@ -65,7 +65,11 @@ def read_groups(path: str | Path, photos: Sequence[Path]) -> list[list[Path]]:
     file's stem), each with at least two of them."""
     by_name = {p.stem: p for p in photos}
     groups: dict[str, list[Path]] = defaultdict(list)
-    for row in read_csv(Path(path)):
+    rows = read_csv(Path(path))
+    if rows and not {"group", "photo"} <= rows[0].keys():
+        raise ValueError(f"{path}: a groups file has the columns group,photo, not "
+                         f"{','.join(rows[0])}")
+    for row in rows:
         if row["photo"] in by_name:
             groups[row["group"]].append(by_name[row["photo"]])
     return [sorted(g) for _, g in sorted(groups.items()) if len(g) >= 2]

@@ -38,7 +38,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from common import UserError
+from common import cli
 from common.config import digest
 from common.edits import (
     Edited,
@@ -55,8 +55,6 @@ from common.io import clean_stale_tmp, read_csv, write_csv, write_text
 from common.logs import start_run
 from common.parallel import parallel_map
 from data.make_benchmark import load_photo, readable_photos, save_jpeg
-
-log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -263,12 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-jobs", type=int, default=-1, help="worker processes (-1: all)")
     args = parser.parse_args(argv)
     sizes = {s: getattr(args, s) for s in SPLITS}
-    try:
-        print(make_dataset(args.photos, args.out, sizes, args.seed, args.max_side, args.n_jobs))
-    except (FileNotFoundError, ValueError, UserError) as err:
-        log.error("%s", err)
-        return 2
-    return 0
+    return cli.run_script(lambda: make_dataset(args.photos, args.out, sizes, args.seed,
+                                               args.max_side, args.n_jobs))
 
 
 if __name__ == "__main__":  # go through the package module so that workers can unpickle tasks

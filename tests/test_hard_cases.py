@@ -14,7 +14,7 @@ from common.config import REPO_ROOT, load_config
 from common.edits import apply_edit, onto_bg, random_chain, small_copy_chain, then
 from common.io import read_csv, write_csv
 from data.make_benchmark import make_benchmark
-from data.make_lookalike import made_pair, make_lookalike
+from data.make_lookalike import made_pair, make_lookalike, read_groups
 from data.mine_lookalikes import groups_of
 from evaluation.isc_metric import evaluate, load_ground_truth, load_predictions
 from local_fea.features import ImageFeatures, extract_image
@@ -147,6 +147,17 @@ def test_look_alike_benchmark_never_makes_a_look_alike_a_reference(tmp_path: Pat
 def test_groups_are_connected_components() -> None:
     assert groups_of([("b", "c"), ("a", "b"), ("x", "y")]) == [["a", "b", "c"], ["x", "y"]]
     assert groups_of([]) == []
+
+
+def test_a_groups_file_is_read_by_photo_id_and_a_foreign_one_named(tmp_path: Path) -> None:
+    photos = demo_references()[:4]
+    groups = tmp_path / "groups.csv"
+    write_csv(groups, ["group", "photo"], [["g1", photos[0].stem], ["g1", photos[2].stem],
+                                           ["g2", photos[1].stem], ["g3", "not_a_photo"]])
+    assert read_groups(groups, photos) == [[photos[0], photos[2]]]  # g2, g3: one photo each
+    write_csv(groups, ["query_id", "reference_id"], [["Q1", "R1"]])
+    with pytest.raises(ValueError, match="group,photo"):
+        read_groups(groups, photos)
 
 
 @pytest.mark.slow

@@ -128,15 +128,16 @@ def test_same_seed_gives_the_same_bytes(source, tmp_path):
     assert (c / "edits.csv").read_bytes() != (a / "edits.csv").read_bytes()
 
 
-def test_refuses_to_overwrite_without_force(source, tmp_path, caplog):
+def test_refuses_to_overwrite_without_force(source, tmp_path, capsys):
     out = _build(source, tmp_path / "bench")
     with pytest.raises(FileExistsError):
         _build(source, out)
     args = ["--photos", str(source), "--out", str(out), "--refs", "4", "--positives", "2",
             "--distractors", "2", "--max-side", "120"]
-    with caplog.at_level(logging.ERROR):
-        assert main(args) == 2
-    assert "--force" in caplog.text
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    assert "--force" in capsys.readouterr().err.strip().splitlines()[-1]  # one line
     assert len(list((out / "referenceimages").iterdir())) == N_REFS  # untouched
     assert main([*args, "--force"]) == 0
     assert len(list((out / "referenceimages").iterdir())) == 4
