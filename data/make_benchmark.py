@@ -26,16 +26,17 @@ import argparse
 import logging
 import shutil
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
 from common import cli
-from common.edits import random_chain, small_copy_chain
+from common.edits import Edited, random_chain, small_copy_chain
 from common.images import ImageError, list_images, read_image, resize_long_side
 from common.io import atomic_path, clean_stale_tmp, write_csv, write_json
 
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 REF_DIR, QUERY_DIR = "referenceimages", "queryimages"
 CHAINS = ("random", "small_copy")  # random_chain, or common.edits.small_copy_chain
 OUTPUTS = (REF_DIR, QUERY_DIR, "gt.csv", "edits.csv", "transforms.json")
+Source = Any  # what a builder makes an image from: a photo's path, or an image it made
+Query = tuple[int | None, Source]  # (number of the reference it copies, or None; source)
 
 
 @dataclass(frozen=True)
@@ -109,17 +112,40 @@ def clear_outputs(out: Path, force: bool) -> None:
         log.info("removed the previous benchmark in %s (--force)", out)
 
 
-def transform_rows(transform: np.ndarray) -> list[list[float]]:
-    """A homography as ``transforms.json`` stores it."""
-    return [[round(float(v), 9) for v in row] for row in transform]
-
-
-def write_labels(out: Path, gt: list[tuple[str, str]], edits: list[tuple[str, str]],
-                 transforms: dict[str, list[list[float]]]) -> None:
-    """``edits.csv``, ``transforms.json`` and, last, ``gt.csv`` (a folder with it is whole)."""
+def write_benchmark(out: Path, references: Sequence[Source], queries: Sequence[Query],
+                    load: Callable[[Source], Image.Image],
+                    edit: Callable[[int, Source], Edited], desc: str,
+                    ref_quality: int = 95, query_quality: int = 90) -> None:
+    """Write ``references`` as ``R%06d.jpg`` and ``queries`` (reference number or None,
+    source) edited by ``edit(q, source)`` as ``Q%05d.jpg``, then ``edits.csv``,
+    ``transforms.json`` and, last, ``gt.csv`` (a folder with it is whole)."""
+    for folder in (out / REF_DIR, out / QUERY_DIR):
+        folder.mkdir(parents=True, exist_ok=True)
+        clean_stale_tmp(folder)
+    gt, edits, transforms = [], [], {}
+    with tqdm(total=len(references) + len(queries), desc=desc, unit="img") as bar:
+        for i, source in enumerate(references):
+            save_jpeg(load(source), out / REF_DIR / f"R{i:06d}.jpg", ref_quality)
+            bar.update()
+        for q, (ref, source) in enumerate(queries):
+            qid, edited = f"Q{q:05d}", edit(q, source)
+            save_jpeg(edited.image, out / QUERY_DIR / f"{qid}.jpg", query_quality)
+            gt.append((qid, "" if ref is None else f"R{ref:06d}"))
+            edits.append((qid, edited.label))
+            if ref is not None:
+                transforms[qid] = [[round(float(v), 9) for v in row] for row in edited.transform]
+            bar.update()
     write_csv(out / "edits.csv", ("query_id", "edits"), edits)
     write_json(out / "transforms.json", transforms)
     write_csv(out / "gt.csv", ("query_id", "reference_id"), gt)
+
+
+def built_once(folder: Path, build: Callable[[Path], Any]) -> Path:
+    """``folder``, made by ``build(folder)`` unless it already holds a whole benchmark (its
+    ``gt.csv``, written last). Name it after what it is made of: it is never rebuilt."""
+    if not (folder / "gt.csv").exists():
+        build(folder)
+    return folder
 
 
 def make_benchmark(
@@ -156,29 +182,15 @@ def make_benchmark(
     jobs += [(None, p) for p in roles.distractor_sources]
     jobs = [jobs[i] for i in rng.permutation(len(jobs))]
     kinds = None if kinds is None else tuple(kinds)
-    for folder in (out / REF_DIR, out / QUERY_DIR):
-        folder.mkdir(parents=True, exist_ok=True)
-        clean_stale_tmp(folder)
 
-    with tqdm(total=n_refs + len(jobs), desc="benchmark", unit="img") as bar:
-        for i, path in enumerate(roles.references):
-            save_jpeg(load_photo(path, max_side), out / REF_DIR / f"R{i:06d}.jpg", ref_quality)
-            bar.update()
-        gt, edits, transforms = [], [], {}
-        for q, (ref, path) in enumerate(jobs):
-            qid = f"Q{q:05d}"
-            photo, q_rng = load_photo(path, max_side), np.random.default_rng([seed, q])
-            edited = (small_copy_chain(photo, q_rng, roles.backgrounds, max_query_side)
-                      if chain == "small_copy" else
-                      random_chain(photo, q_rng, roles.backgrounds, n_edits, kinds, max_query_side))
-            save_jpeg(edited.image, out / QUERY_DIR / f"{qid}.jpg", query_quality)
-            gt.append((qid, "" if ref is None else f"R{ref:06d}"))
-            edits.append((qid, edited.label))
-            if ref is not None:
-                transforms[qid] = transform_rows(edited.transform)
-            bar.update()
+    def edit(q: int, path: Path) -> Edited:
+        photo, q_rng = load_photo(path, max_side), np.random.default_rng([seed, q])
+        if chain == "small_copy":
+            return small_copy_chain(photo, q_rng, roles.backgrounds, max_query_side)
+        return random_chain(photo, q_rng, roles.backgrounds, n_edits, kinds, max_query_side)
 
-    write_labels(out, gt, edits, transforms)
+    write_benchmark(out, roles.references, jobs, lambda path: load_photo(path, max_side), edit,
+                    "benchmark", ref_quality, query_quality)
     log.info("wrote %d references and %d queries (%d positives, %d distractors) to %s",
              n_refs, len(jobs), n_positives, n_distractors, out)
     return out

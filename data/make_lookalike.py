@@ -34,24 +34,22 @@ import logging
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from common import cli
 from common.edits import Edited, random_chain
-from common.io import clean_stale_tmp, read_csv
+from common.io import read_csv
 from data.make_benchmark import (
-    QUERY_DIR,
-    REF_DIR,
+    Query,
+    Source,
     clear_outputs,
     load_photo,
     readable_photos,
-    save_jpeg,
-    transform_rows,
-    write_labels,
+    write_benchmark,
 )
 
 log = logging.getLogger(__name__)
@@ -148,22 +146,21 @@ def make_lookalike(photos: str | Path, out: str | Path, groups: str | Path | Non
     fillers, distractor_sources, backgrounds = (
         rest[:n_refs], rest[n_refs:n_refs + n_distractors], rest[n_refs + n_distractors:])
     clear_outputs(out, force)
-    for folder in (out / REF_DIR, out / QUERY_DIR):
-        folder.mkdir(parents=True, exist_ok=True)
-        clean_stale_tmp(folder)
+    references: list[Source] = []
+    queries: list[Query] = []
+    labels: list[tuple[str, bool]] = []  # per query: (look-alike label, lightly edited)
 
-    references: list[Image.Image | Path] = []
-    queries: list[tuple[str, bool, int | None, Image.Image | Path]] = []  # (label, light edits,
-    #                                                                        reference, source)
+    def add(label: str, light: bool, ref: int | None, source: Source) -> None:
+        queries.append((ref, source))
+        labels.append((label, light))
 
-    def add_group(kind: str, members: Sequence[Image.Image | Path], siblings: bool) -> None:
+    def add_group(kind: str, members: Sequence[Source], siblings: bool) -> None:
         for k, member in enumerate(members):
             if siblings or k == 0:
-                queries.append((f"sibling_{kind}" if siblings else "", False, len(references),
-                                member))
+                add(f"sibling_{kind}" if siblings else "", False, len(references), member)
                 references.append(member)
             else:
-                queries.append((f"lookalike_{kind}", True, None, member))
+                add(f"lookalike_{kind}", True, None, member)
 
     for g, group in enumerate(real):
         add_group("real", group, siblings=g % 2 == 1)
@@ -172,33 +169,25 @@ def make_lookalike(photos: str | Path, out: str | Path, groups: str | Path | Non
         add_group("made", made_pair(bg, (a, b), np.random.default_rng([seed, 1, i])),
                   siblings=i % 2 == 1)
     for i in rng.choice(n_refs, n_positives, replace=n_positives > n_refs) if n_refs else ():
-        queries.append(("", False, len(references) + int(i), fillers[i]))
+        add("", False, len(references) + int(i), fillers[i])
     references += fillers
-    queries += [("", False, None, p) for p in distractor_sources]
-    queries = [queries[i] for i in rng.permutation(len(queries))]
+    for p in distractor_sources:
+        add("", False, None, p)
+    order = rng.permutation(len(queries))
+    queries, labels = [queries[i] for i in order], [labels[i] for i in order]
 
-    def image(source: Image.Image | Path) -> Image.Image:
+    def image(source: Source) -> Image.Image:
         return source if isinstance(source, Image.Image) else load_photo(source, max_side)
 
-    gt, edits, transforms = [], [], {}
-    with tqdm(total=len(references) + len(queries), desc="look-alike set", unit="img") as bar:
-        for i, source in enumerate(references):
-            save_jpeg(image(source), out / REF_DIR / f"R{i:06d}.jpg", 95)
-            bar.update()
-        for q, (label, light, ref, source) in enumerate(queries):
-            q_rng = np.random.default_rng([seed, 2, q])
-            edited: Edited = (random_chain(image(source), q_rng, backgrounds, (1, 2), LIGHT_KINDS,
-                                           max_query_side) if light else
-                              random_chain(image(source), q_rng, backgrounds,
-                                           max_side=max_query_side))
-            qid = f"Q{q:05d}"
-            save_jpeg(edited.image, out / QUERY_DIR / f"{qid}.jpg", 90)
-            gt.append((qid, "" if ref is None else f"R{ref:06d}"))
-            edits.append((qid, "+".join(filter(None, (label, edited.label)))))
-            if ref is not None:
-                transforms[qid] = transform_rows(edited.transform)
-            bar.update()
-    write_labels(out, gt, edits, transforms)
+    def edit(q: int, source: Source) -> Edited:
+        label, light = labels[q]
+        q_rng = np.random.default_rng([seed, 2, q])
+        edited = (random_chain(image(source), q_rng, backgrounds, (1, 2), LIGHT_KINDS,
+                               max_query_side) if light else
+                  random_chain(image(source), q_rng, backgrounds, max_side=max_query_side))
+        return replace(edited, label="+".join(filter(None, (label, edited.label))))
+
+    write_benchmark(out, references, queries, image, edit, "look-alike set")
     log.info("wrote %d references and %d queries (%d real look-alike groups, %d made) to %s",
              len(references), len(queries), len(real), n_made, out)
     return out

@@ -27,7 +27,7 @@ from common.config import REPO_ROOT, digest, file_digest
 from common.images import list_images
 from common.io import read_csv
 from common.logs import start_run
-from data.make_benchmark import QUERY_DIR, REF_DIR, make_benchmark
+from data.make_benchmark import QUERY_DIR, REF_DIR, built_once, make_benchmark
 from data.make_lookalike import GROUPS, make_lookalike
 from data.split import split_photos
 from match_score import verify
@@ -69,14 +69,13 @@ def run_local_branch(conf: dict[str, Any], bench: Path, work_dir: Path) -> list[
 def benchmarks(photos: str | Path, work_dir: Path) -> list[Path]:
     """The two training benchmarks (built once): copies, and look-alikes of the fit part."""
     root = work_dir / "calibration"  # folders named after what they are made of
-    copies = root / f"benchmark-{digest(BENCHMARK)}"
-    if not (copies / "gt.csv").exists():
-        make_benchmark(photos, copies, force=True, **BENCHMARK)
-    lookalikes = root / f"lookalike-{digest(LOOKALIKE, file_digest(GROUPS))}"
-    if not (lookalikes / "gt.csv").exists():
-        fit = split_photos(photos, root / "trainsplit")["fit"]
-        make_lookalike(fit, lookalikes, GROUPS, force=True, **LOOKALIKE)
-    return [copies, lookalikes]
+    return [
+        built_once(root / f"benchmark-{digest(BENCHMARK)}",
+                   lambda out: make_benchmark(photos, out, force=True, **BENCHMARK)),
+        built_once(root / f"lookalike-{digest(LOOKALIKE, file_digest(GROUPS))}",
+                   lambda out: make_lookalike(split_photos(photos, root / "trainsplit")["fit"],
+                                              out, GROUPS, force=True, **LOOKALIKE)),
+    ]
 
 
 def main(conf: dict[str, Any], photos: str | Path, work_dir: str | Path,

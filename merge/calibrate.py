@@ -27,7 +27,7 @@ from common.config import REPO_ROOT, digest
 from common.images import list_images
 from common.io import read_csv
 from common.logs import start_run
-from data.make_benchmark import QUERY_DIR, REF_DIR, make_benchmark
+from data.make_benchmark import QUERY_DIR, REF_DIR, built_once, make_benchmark
 from data.make_lookalike import make_lookalike
 from data.split import split_photos
 from merge.features import PairTable, gather
@@ -42,13 +42,12 @@ def benchmarks(photos: str | Path, work_dir: Path) -> list[Path]:
     """The calibration benchmarks of the ``calib`` photos (built once)."""
     root = work_dir / "calibration"
     calib = split_photos(photos, root / "trainsplit")["calib"]
-    copies = root / f"fusion-benchmark-{digest(BENCHMARK)}"  # named after what it is made of
-    if not (copies / "gt.csv").exists():
-        make_benchmark(calib, copies, force=True, **BENCHMARK)
-    lookalikes = root / f"fusion-lookalike-{digest(LOOKALIKE)}"
-    if not (lookalikes / "gt.csv").exists():
-        make_lookalike(calib, lookalikes, force=True, **LOOKALIKE)
-    return [copies, lookalikes]
+    return [  # folders named after what they are made of
+        built_once(root / f"fusion-benchmark-{digest(BENCHMARK)}",
+                   lambda out: make_benchmark(calib, out, force=True, **BENCHMARK)),
+        built_once(root / f"fusion-lookalike-{digest(LOOKALIKE)}",
+                   lambda out: make_lookalike(calib, out, force=True, **LOOKALIKE)),
+    ]
 
 
 def benchmark_table(conf: dict[str, Any], bench: Path, work_dir: Path) -> PairTable:
