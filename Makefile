@@ -18,7 +18,8 @@ OPTS ?=
 TRAIN_PHOTOS ?= ../shared/trainset/photos
 SUBMISSION ?= $(WORK)/submission.csv
 COPYDET := $(VENV)/bin/copydet
-ARGS = --work $(WORK) $(if $(CONFIG),--config $(CONFIG)) $(OPTS)
+SETTINGS = $(if $(CONFIG),--config $(CONFIG)) $(OPTS)
+ARGS = --work $(WORK) $(SETTINGS)
 
 .PHONY: install demo all eval report test lint gpu-check bench-pipeline bench bench-global bench-detect bench-scale capacity \
 	train-index calibrate hard-sets lookalike-groups train-split train-global global-assets calibrate-fusion \
@@ -122,7 +123,8 @@ hard-sets: train-split
 # The real look-alike groups (data/lookalike_groups.csv): the pipeline on the training photos
 # against themselves, pairs of different photos scoring >= 0.5, less data/same_photo.csv.
 lookalike-groups: install
-	$(COPYDET) run --queries $(TRAIN_PHOTOS) --references $(TRAIN_PHOTOS) --work $(WORK)/selftrain
+	$(COPYDET) run --queries $(TRAIN_PHOTOS) --references $(TRAIN_PHOTOS) --work $(WORK)/selftrain \
+		$(SETTINGS)
 	$(PY) -m data.mine_lookalikes --work $(WORK)/selftrain --photos $(TRAIN_PHOTOS) \
 		--out data/lookalike_groups.csv
 

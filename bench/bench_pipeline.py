@@ -33,6 +33,7 @@ from common.config import REPO_ROOT, load_config
 from common.images import list_images
 from common.parallel import resolve_n_jobs
 from common.shards import ShardStore
+from global_fea import extract
 from local_fea import search
 from local_fea.index import load_index
 from local_fea.search import query_block
@@ -63,7 +64,7 @@ def forward_floor(conf: dict, queries: list[Path], refs: list[Path], n_jobs: int
     both sets."""
     section = conf["global_fea"]
     torch.set_num_threads(n_jobs)
-    net = network(section, work / "floor-network", n_jobs)
+    net = network(section, extract.model_root(conf, work), n_jobs)  # the stage's export
     args = (net, section["image_size"], section["batch_size"])
     bare_pass(refs[:section["batch_size"]], *args)  # warm-up: first calls
     start = time.perf_counter()

@@ -40,7 +40,9 @@ class Verification:
     plane: np.ndarray | None = None  # per match: 0 outlier, 1 first homography, 2 second
 
     def row(self) -> list:
-        return [getattr(self, f) for f in FIELDS]
+        """The ``FIELDS`` as written to a pairs file (shares with 4 decimals)."""
+        values = (getattr(self, f) for f in FIELDS)
+        return [f"{v:.4f}" if isinstance(v, float) else v for v in values]
 
 
 def ratio_matches(desc_q: np.ndarray, desc_r: np.ndarray, ratio: float) -> tuple[np.ndarray, ...]:

@@ -69,10 +69,7 @@ def verify_chunk(
     rows = []
     for query_id, ref_id, view, votes in pairs:
         result = verify_view(qf, rf, query_id, ref_id, view, conf, feature_short_side)
-        row = result.row()
-        row[FIELDS.index("dense_agree")] = f"{result.dense_agree:.4f}"
-        row[FIELDS.index("coverage")] = f"{result.coverage:.4f}"
-        rows.append([query_id, ref_id, view, votes, *row])
+        rows.append([query_id, ref_id, view, votes, *result.row()])
     write_csv(chunk_path(out_dir, index, pairs), PAIR_COLUMNS, rows)
     return index
 
