@@ -81,6 +81,18 @@ def test_duplicate_positions_keep_the_closest_match() -> None:
     assert keep.tolist() == [1, 2]
 
 
+def test_unique_positions_keep_the_first_closest_match_of_each_position() -> None:
+    rng = np.random.default_rng(3)
+    pts_q = rng.integers(0, 4, (300, 2)) + rng.choice([0.0, 0.3, -0.4], (300, 2))
+    pts_r = rng.integers(0, 4, (300, 2)).astype(float)
+    dist = rng.integers(0, 3, 300).astype(np.float32)  # many ties in distance too
+    best: dict[tuple, int] = {}
+    for i, key in enumerate(map(tuple, np.rint(np.hstack([pts_q, pts_r])).astype(int))):
+        if key not in best or dist[i] < dist[best[key]]:
+            best[key] = i
+    assert unique_positions(pts_q, pts_r, dist).tolist() == sorted(best.values())
+
+
 def test_copies_verify_with_the_true_homography(demo) -> None:
     checked = 0
     for query_id, transform in demo["transforms"].items():
