@@ -45,11 +45,14 @@ DEVSET = REPO_ROOT.parent / "shared" / "devset"
 TRAIN_PHOTOS = REPO_ROOT.parent / "shared" / "trainset" / "photos"
 DOCS = REPO_ROOT / "docs"
 K, C = 10, 5
-DEFAULT = "IVF4096,PQ64x4fs"
+DEFAULT = load_config()["local_search"]["index"]  # the shipped default, and its nprobe
+DEFAULT_NPROBE = load_config()["local_search"]["nprobe"]
 # (factory string, nprobe): the shipped default first
-COMPARED = [(DEFAULT, 8), (DEFAULT, 16), (DEFAULT, 32), ("IVF4096,PQ32x4fs", 16),
-            ("IVF4096,SQ8", 16), ("IVF16384,PQ64x4fs", 64), ("IVF1024,PQ64x4fs", 4),
+COMPARED = [(DEFAULT, DEFAULT_NPROBE), ("IVF1024,PQ64x4fs", 4), ("IVF1024,PQ64x4fs", 6),
+            ("IVF4096,PQ64x4fs", 8), ("IVF4096,PQ64x4fs", 16), ("IVF4096,PQ64x4fs", 32),
+            ("IVF4096,PQ32x4fs", 16), ("IVF4096,SQ8", 16), ("IVF16384,PQ64x4fs", 64),
             ("IVF4096_HNSW32,PQ64x4fs", 16)]
+COMPARED = list(dict.fromkeys(COMPARED))
 
 
 # ---------------------------------------------------------------- synthetic references
@@ -267,24 +270,37 @@ def gt_recall(candidates: list[list[str]], gt: dict[str, str], queries: set[str]
     return sum(p in found for p in truth) / max(1, len(truth))
 
 
+def shipped_index(factory: str, features: str) -> bool:
+    """Whether a trained index of ``factory`` ships in the trained-index folder."""
+    from local_fea.index import trained_index_path
+
+    return trained_index_path({**load_config()["local_search"], "index": factory},
+                              features).exists()
+
+
 def train_variants(features: str, training: ShardStore, trained_dir: Path) -> None:
-    """Trained, empty indexes of ``COMPARED`` (coarse quantisers trained once per nlist, on
-    training photos only; IVF4096 reuses the shipped quantiser)."""
+    """Trained, empty indexes of ``COMPARED`` that are not shipped (coarse quantisers trained
+    once per nlist, on training photos only; an nlist that a shipped index has reuses its
+    quantiser)."""
     import faiss
 
     from local_fea.index import trained_index_path, write_index
     from local_fea.train_index import sample_descriptors
 
     conf = load_config()["local_search"]
-    todo = [f for f in dict.fromkeys(f for f, _ in COMPARED) if f != DEFAULT and not
-            trained_index_path({**conf, "index": f, "trained_dir": trained_dir},
-                               features).exists()]
+    todo = [f for f in dict.fromkeys(f for f, _ in COMPARED) if not shipped_index(f, features)
+            and not trained_index_path({**conf, "index": f, "trained_dir": trained_dir},
+                                       features).exists()]
     if not todo:
         return
     faiss.omp_set_num_threads(1)
     x = sample_descriptors(training, 1_000_000)
-    shipped = faiss.read_index(str(trained_index_path(conf, features)))
-    centroids = {4096: faiss.extract_index_ivf(shipped).quantizer.reconstruct_n(0, 4096)}
+    centroids = {}
+    for factory in dict.fromkeys(f for f, _ in COMPARED):
+        if shipped_index(factory, features):
+            ivf = faiss.extract_index_ivf(faiss.read_index(str(trained_index_path(
+                {**conf, "index": factory}, features))))
+            centroids[ivf.nlist] = ivf.quantizer.reconstruct_n(0, ivf.nlist)
     for factory in todo:
         nlist = int(factory.split(",")[0].split("_")[0][3:])
         if nlist not in centroids:
@@ -340,13 +356,13 @@ def main() -> None:
         results.get(f"exact-curve-x{f}", {"kind": "exact", "refs": str(store.root),
                                        "queries": str(queries), "query_ids": q2,
                                        "block_mb": args.block_mb})
-        build = results.get(f"ivf-build-x{f}", {
+        build = results.get(f"ivf-build-{DEFAULT}-x{f}", {
             "kind": "ivf-build", "refs": str(store.root), "factory": DEFAULT,
             "trained_dir": shipped_dir, "features": features,
             "out": str(root / "index" / f"x{f}")})
-        results.get(f"ivf-search-x{f}", {"kind": "ivf-search", "refs": str(store.root),
-                                         "queries": str(queries), "index": build["index"],
-                                         "nprobe": 16, "factory": DEFAULT})
+        results.get(f"ivf-search-{DEFAULT}-np{DEFAULT_NPROBE}-x{f}", {
+            "kind": "ivf-search", "refs": str(store.root), "queries": str(queries),
+            "index": build["index"], "nprobe": DEFAULT_NPROBE, "factory": DEFAULT})
         if f in args.agreement_factors:
             results.get(f"exact-q16-x{f}", {"kind": "exact", "refs": str(store.root),
                                             "queries": str(queries), "query_ids": q16,
@@ -361,7 +377,7 @@ def main() -> None:
                                       "block_mb": args.block_mb})
         train_variants(features, training, trained_dir)
     for factory, nprobe in compared:
-        tdir = shipped_dir if factory == DEFAULT else str(trained_dir)
+        tdir = shipped_dir if shipped_index(factory, features) else str(trained_dir)
         tag = factory.replace(",", "_")
         build = results.get(f"cmp-build-{tag}", {
             "kind": "ivf-build", "refs": str(devset_refs.root), "factory": factory,
@@ -403,12 +419,12 @@ def report(data: dict[str, Any], factors: list[int], gt: dict[str, str], q2: lis
              "## Local search against the number of references", "",
              f"Exact search streams reference blocks of {block_mb} MB (float32) through "
              f"`IndexFlatL2` into result heaps ({len(q2)} copy queries, both views); the IVF "
-             "index is the shipped `IVF4096,PQ64x4fs` (nprobe 16), built by "
+             f"index is the shipped `{DEFAULT}` (nprobe {DEFAULT_NPROBE}), built by "
              "`ReferenceIndex.update` and searched with all 400 devset queries.", "",
              "| references | ref. descriptors | exact search s | µs per (query desc × M "
              "ref desc) | time vs first row | peak RSS MB |", "|---|---|---|---|---|---|"]
-    curve = [(f, data.get(f"exact-curve-x{f}"), data.get(f"ivf-build-x{f}"),
-              data.get(f"ivf-search-x{f}")) for f in factors]
+    curve = [(f, data.get(f"exact-curve-x{f}"), data.get(f"ivf-build-{DEFAULT}-x{f}"),
+              data.get(f"ivf-search-{DEFAULT}-np{DEFAULT_NPROBE}-x{f}")) for f in factors]
     curve = [c for c in curve if all(c[1:])]
     for _, e, b, _ in curve:
         unit = e["seconds"] / (e["query_desc"] * b["ntotal"] / 1e6) * 1e6
@@ -429,7 +445,8 @@ def report(data: dict[str, Any], factors: list[int], gt: dict[str, str], q2: lis
                      f"{_fmt(s['seconds'] / s['query_desc'] * 1e3, 3)} | "
                      f"{s['peak_rss_mb']:.0f} | {_fmt(ratio, 0)} |")
     qset = set(q16)
-    rows = [f for f in factors if f"exact-q16-x{f}" in data and f"ivf-search-x{f}" in data]
+    searched = {f: data.get(f"ivf-search-{DEFAULT}-np{DEFAULT_NPROBE}-x{f}") for f in factors}
+    rows = [f for f in factors if f"exact-q16-x{f}" in data and searched[f]]
     if rows:
         lines += ["", "Candidates of the IVF index against exact search at scale (16 copy "
                   "queries): fraction of the exact top-5 candidates recovered, and of the "
@@ -437,7 +454,7 @@ def report(data: dict[str, Any], factors: list[int], gt: dict[str, str], q2: lis
                   "| references | IVF recovers exact top-5 | true copies in top-5: exact | "
                   "IVF |", "|---|---|---|---|"]
         for f in rows:
-            e, s = data[f"exact-q16-x{f}"], data[f"ivf-search-x{f}"]
+            e, s = data[f"exact-q16-x{f}"], searched[f]
             approx = [r for r in s["candidates"] if r[0] in qset]
             lines.append(f"| {e['ref_images']:,} | {agreement(e['candidates'], approx):.3f} | "
                          f"{gt_recall(e['candidates'], gt, qset):.3f} | "
@@ -448,8 +465,8 @@ def report(data: dict[str, Any], factors: list[int], gt: dict[str, str], q2: lis
         qset = set(q200)
         lines += ["", "## Compressed indexes against exact search (devset, 200 queries: the "
                   "150 copies and 50 distractors)", "",
-                  "Indexes trained on the training photos only (k-means once per nlist; the "
-                  "IVF4096 rows reuse the shipped quantiser); 1,500 references, 0.80 M "
+                  "Indexes trained on the training photos only (k-means once per nlist; an "
+                  "nlist that ships reuses the shipped quantiser); 1,500 references, 0.80 M "
                   "descriptors. Bytes per descriptor: what the populated index adds per "
                   "descriptor (code, 8-byte id, list padding), the trained quantiser aside.",
                   "",
@@ -465,7 +482,7 @@ def report(data: dict[str, Any], factors: list[int], gt: dict[str, str], q2: lis
             b, s = data.get(f"cmp-build-{tag}"), data.get(f"cmp-search-{tag}-np{nprobe}")
             if not (b and s):
                 continue
-            shipped = " (shipped)" if factory == DEFAULT else ""
+            shipped = " (default)" if (factory, nprobe) == (DEFAULT, DEFAULT_NPROBE) else ""
             lines.append(
                 f"| `{factory}`{shipped} | {nprobe} | "
                 f"{agreement(exact['candidates'], s['candidates']):.3f} | "
