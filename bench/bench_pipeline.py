@@ -77,6 +77,7 @@ def search_floor(conf: dict, record: dict, work: Path, n_jobs: int) -> float:
     """Seconds of a bare Faiss search of every query descriptor in the populated index."""
     local = record["branches"]["local"]
     queries, refs = ShardStore(local["query_store"]), Path(local["reference_store"])
+    conf = search.resolved(conf, ShardStore(refs))
     section = conf["local_search"]
     index_file = next(search.index_folder(conf, refs, work).glob("index-*.faiss"))
     index = load_index(index_file, section["nprobe"])

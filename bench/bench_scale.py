@@ -45,8 +45,17 @@ DEVSET = REPO_ROOT.parent / "shared" / "devset"
 TRAIN_PHOTOS = REPO_ROOT.parent / "shared" / "trainset" / "photos"
 DOCS = REPO_ROOT / "docs"
 K, C = 10, 5
-DEFAULT = load_config()["local_search"]["index"]  # the shipped default, and its nprobe
-DEFAULT_NPROBE = load_config()["local_search"]["nprobe"]
+
+
+def default_index(n_references: int) -> tuple[str, int]:
+    """The configured index (``auto``: the one it picks) and nprobe for ``n_references``."""
+    from local_fea.index import concrete_index
+
+    section = concrete_index(load_config()["local_search"], n_references)
+    return section["index"], section["nprobe"]
+
+
+DEFAULT, DEFAULT_NPROBE = default_index(1500)  # the devset's
 # (factory string, nprobe): the shipped default first
 COMPARED = [(DEFAULT, DEFAULT_NPROBE), ("IVF1024,PQ64x4fs", 4), ("IVF1024,PQ64x4fs", 6),
             ("IVF4096,PQ64x4fs", 8), ("IVF4096,PQ64x4fs", 16), ("IVF4096,PQ64x4fs", 32),
@@ -356,13 +365,14 @@ def main() -> None:
         results.get(f"exact-curve-x{f}", {"kind": "exact", "refs": str(store.root),
                                        "queries": str(queries), "query_ids": q2,
                                        "block_mb": args.block_mb})
-        build = results.get(f"ivf-build-{DEFAULT}-x{f}", {
-            "kind": "ivf-build", "refs": str(store.root), "factory": DEFAULT,
+        factory, nprobe = default_index(len(store))
+        build = results.get(f"ivf-build-{factory}-x{f}", {
+            "kind": "ivf-build", "refs": str(store.root), "factory": factory,
             "trained_dir": shipped_dir, "features": features,
-            "out": str(root / "index" / f"x{f}")})
-        results.get(f"ivf-search-{DEFAULT}-np{DEFAULT_NPROBE}-x{f}", {
+            "out": str(root / "index" / f"x{f}-{factory}")})
+        results.get(f"ivf-search-{factory}-np{nprobe}-x{f}", {
             "kind": "ivf-search", "refs": str(store.root), "queries": str(queries),
-            "index": build["index"], "nprobe": DEFAULT_NPROBE, "factory": DEFAULT})
+            "index": build["index"], "nprobe": nprobe, "factory": factory})
         if f in args.agreement_factors:
             results.get(f"exact-q16-x{f}", {"kind": "exact", "refs": str(store.root),
                                             "queries": str(queries), "query_ids": q16,
@@ -419,12 +429,15 @@ def report(data: dict[str, Any], factors: list[int], gt: dict[str, str], q2: lis
              "## Local search against the number of references", "",
              f"Exact search streams reference blocks of {block_mb} MB (float32) through "
              f"`IndexFlatL2` into result heaps ({len(q2)} copy queries, both views); the IVF "
-             f"index is the shipped `{DEFAULT}` (nprobe {DEFAULT_NPROBE}), built by "
+             "index is the default's (`local_search.index: auto`: "
+             f"`{DEFAULT}` at nprobe {DEFAULT_NPROBE} up to 15,000 references, "
+             f"`{default_index(10**9)[0]}` at nprobe {default_index(10**9)[1]} beyond), built by "
              "`ReferenceIndex.update` and searched with all 400 devset queries.", "",
              "| references | ref. descriptors | exact search s | µs per (query desc × M "
              "ref desc) | time vs first row | peak RSS MB |", "|---|---|---|---|---|---|"]
-    curve = [(f, data.get(f"exact-curve-x{f}"), data.get(f"ivf-build-{DEFAULT}-x{f}"),
-              data.get(f"ivf-search-{DEFAULT}-np{DEFAULT_NPROBE}-x{f}")) for f in factors]
+    chosen = {f: default_index(1500 * f) for f in factors}
+    curve = [(f, data.get(f"exact-curve-x{f}"), data.get(f"ivf-build-{chosen[f][0]}-x{f}"),
+              data.get(f"ivf-search-{chosen[f][0]}-np{chosen[f][1]}-x{f}")) for f in factors]
     curve = [c for c in curve if all(c[1:])]
     for _, e, b, _ in curve:
         unit = e["seconds"] / (e["query_desc"] * b["ntotal"] / 1e6) * 1e6
@@ -445,7 +458,8 @@ def report(data: dict[str, Any], factors: list[int], gt: dict[str, str], q2: lis
                      f"{_fmt(s['seconds'] / s['query_desc'] * 1e3, 3)} | "
                      f"{s['peak_rss_mb']:.0f} | {_fmt(ratio, 0)} |")
     qset = set(q16)
-    searched = {f: data.get(f"ivf-search-{DEFAULT}-np{DEFAULT_NPROBE}-x{f}") for f in factors}
+    searched = {f: data.get(f"ivf-search-{chosen[f][0]}-np{chosen[f][1]}-x{f}")
+                for f in factors}
     rows = [f for f in factors if f"exact-q16-x{f}" in data and searched[f]]
     if rows:
         lines += ["", "Candidates of the IVF index against exact search at scale (16 copy "

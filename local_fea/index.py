@@ -38,6 +38,13 @@ log = logging.getLogger(__name__)
 ROW_BITS = 20
 EXACT = "Flat"
 DIM = 128
+AUTO = "auto"
+# index: auto -> (factory string, nprobe) by reference set size. Fewer lists make assigning a
+# descriptor to its list cheaper (a quarter of IVF4096's for IVF1024: what dominates adding
+# and searching up to ~10^4 references); more lists make the searched lists shorter (what
+# dominates at scale: IVF1024 at nprobe 8 scans twice the codes of IVF4096 at 16).
+AUTO_INDEXES = (("IVF1024,PQ64x4fs", 8), ("IVF4096,PQ64x4fs", 16))
+AUTO_SMALL_MAX_REFS = 15_000  # the measured break-even (README "Speed")
 
 
 def encode_ids(image_number: int, n: int) -> np.ndarray:
@@ -161,6 +168,15 @@ class ExactSearch:
         for index in self._indexes():
             heaps.add(index)
         return heaps.result()
+
+
+def concrete_index(conf: dict[str, Any], n_references: int) -> dict[str, Any]:
+    """The ``local_search`` section with ``index: auto`` made concrete for a reference set of
+    ``n_references`` images (its factory string and nprobe from ``AUTO_INDEXES``)."""
+    if conf["index"] != AUTO:
+        return conf
+    index, nprobe = AUTO_INDEXES[n_references > AUTO_SMALL_MAX_REFS]
+    return {**conf, "index": index, "nprobe": nprobe}
 
 
 def trained_index_path(conf: dict[str, Any], features_name: str) -> Path:

@@ -38,6 +38,7 @@ from local_fea.index import (
     IndexSearch,
     ReferenceIndex,
     block_rows,
+    concrete_index,
     decode_images,
     load_index,
     release_index,
@@ -49,6 +50,11 @@ from local_fea.index import (
 STAGE = "local_search"
 COLUMNS = ["query_id", "view", "reference_id", "votes", "rank"]
 NOT_IN_NAME = ("block_mb", "gpu_block_mb", "query_batch")  # resources, not results
+
+
+def resolved(conf: dict[str, Any], references: ShardStore) -> dict[str, Any]:
+    """``conf`` with ``local_search.index: auto`` made concrete for ``references``."""
+    return {**conf, STAGE: concrete_index(conf[STAGE], len(references))}
 
 
 def search_root(conf: dict[str, Any], features_name: str, work_dir: str | Path) -> Path:
@@ -189,6 +195,7 @@ def main(conf: dict[str, Any], queries: Path, references: Path, work_dir: str | 
     """Search every query view of the query feature store in the reference feature store
     (both as ``local_fea.extract`` returned them); return ``candidates.csv``."""
     query_store, ref_store = ShardStore(queries), ShardStore(references)
+    conf = resolved(conf, ref_store)
     out = candidates_path(conf, query_store.root, ref_store.root, work_dir).parent
     sconf = conf[STAGE]
     run = start_run(work_dir, f"{STAGE}-{out.name}")

@@ -22,7 +22,7 @@ from common.logs import start_run
 from common.parallel import resolve_n_jobs
 from common.shards import ShardStore
 from local_fea import extract
-from local_fea.index import trained_index_path, write_index
+from local_fea.index import AUTO, AUTO_INDEXES, trained_index_path, write_index
 
 
 def sample_descriptors(store: ShardStore, n_max: int, seed: int = 0) -> np.ndarray:
@@ -36,21 +36,25 @@ def sample_descriptors(store: ShardStore, n_max: int, seed: int = 0) -> np.ndarr
 
 def main(conf: dict[str, Any], images: str | Path, work_dir: str | Path,
          max_train: int = 1_000_000) -> Path:
-    """Extract features of the training photos, train ``local_search.index``, write it."""
+    """Extract features of the training photos, train ``local_search.index`` (with ``auto``:
+    each index it chooses from), write it; return the (last) trained index file."""
     store_root = extract.main(conf, images, work_dir)
     sconf = conf["local_search"]
-    out = trained_index_path(sconf, extract.features_root(conf, work_dir).name)
+    factories = ([f for f, _ in AUTO_INDEXES] if sconf["index"] == AUTO else [sconf["index"]])
     run = start_run(work_dir, "local_fea.train_index")
     with run:
         faiss.omp_set_num_threads(resolve_n_jobs(conf["run"]["n_jobs"]))
         x = sample_descriptors(ShardStore(store_root), max_train)
-        index = faiss.index_factory(128, sconf["index"])
-        run.logger.info("training %s on %d descriptors of %s", sconf["index"], len(x), images)
-        start = time.time()
-        index.train(x)
-        write_index(index, out)
-        run.logger.info("trained in %.0f s -> %s (%.1f MB)", time.time() - start, out,
-                        out.stat().st_size / 1e6)
+        for factory in factories:
+            out = trained_index_path({**sconf, "index": factory},
+                                     extract.features_root(conf, work_dir).name)
+            index = faiss.index_factory(128, factory)
+            run.logger.info("training %s on %d descriptors of %s", factory, len(x), images)
+            start = time.time()
+            index.train(x)
+            write_index(index, out)
+            run.logger.info("trained in %.0f s -> %s (%.1f MB)", time.time() - start, out,
+                            out.stat().st_size / 1e6)
     return out
 
 

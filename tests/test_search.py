@@ -13,7 +13,16 @@ from common import UserError
 from common.config import load_config
 from common.shards import ShardStore
 from local_fea import extract, search
-from local_fea.index import ROW_BITS, decode_images, encode_ids, exact_search, reference_blocks
+from local_fea.index import (
+    AUTO_INDEXES,
+    AUTO_SMALL_MAX_REFS,
+    ROW_BITS,
+    concrete_index,
+    decode_images,
+    encode_ids,
+    exact_search,
+    reference_blocks,
+)
 from tests.conftest import DATA
 
 SHIPPED_INDEX = load_config()["local_search"]["index"]
@@ -158,6 +167,20 @@ def test_the_default_index_keeps_the_copies_exact_search_finds(demo_stores) -> N
     assert shared >= 0.5 * sum(map(len, exact.values()))
 
 
+def test_auto_index_follows_the_reference_set_size(demo_stores) -> None:
+    conf, work, refs, queries = demo_stores
+    section = {**conf["local_search"], "index": "auto", "nprobe": 3}
+    small = concrete_index(section, AUTO_SMALL_MAX_REFS)
+    large = concrete_index(section, AUTO_SMALL_MAX_REFS + 1)
+    assert (small["index"], small["nprobe"]) == AUTO_INDEXES[0]
+    assert (large["index"], large["nprobe"]) == AUTO_INDEXES[1]
+    assert concrete_index({**section, "index": "Flat"}, 10**6)["nprobe"] == 3  # as given
+    candidates = search.main({**conf, "local_search": section}, queries, refs, work)
+    assert candidates.parent.parent.name.startswith("IVF1024_PQ64x4fs-np8-")  # named as run
+    (index_dir,) = (work / "local_index").glob("IVF1024_PQ64x4fs-*")
+    assert list(index_dir.glob("*/index-*.faiss"))
+
+
 def test_search_resumes_from_parts_and_takes_only_stores(demo_stores) -> None:
     conf, work, refs, queries = demo_stores
     first = search.main(conf, queries, refs, work)
@@ -174,6 +197,8 @@ def test_changing_nprobe_reuses_the_populated_index(demo_stores) -> None:
     """The populated index depends on the references and the trained index, not on search
     settings: another nprobe searches the same file (it used to re-encode the references)."""
     conf, work, refs, queries = demo_stores
+    conf = {**conf, "local_search": {**conf["local_search"], "index": "IVF1024,PQ64x4fs",
+                                     "nprobe": 8}}
     search.main(conf, queries, refs, work)
     folder = search.index_folder(conf, refs, work)
     (index_file,) = folder.glob("index-*.faiss")
