@@ -112,6 +112,11 @@ def plan(data: dict, gpu_tflops: float, efficiency: float) -> str:
         "descriptors/s searched, images/s described and detected, and peak GPU memory, after "
         "checking the GPU results against the CPU) has not run on a GPU yet. The estimated "
         "rows say so; replace them with its figures once it has run.", "",
+        "**Index.** A million references is past `local_search.index: auto`'s "
+        "15,000-reference switch, so the CPU index rows are those of `IVF4096,PQ64x4fs` at "
+        "nprobe 16. (`IVF1024,PQ64x4fs` at nprobe 8, which `auto` picks for smaller sets, "
+        "adds 2.9× faster but scans twice the codes per query descriptor: about twice this "
+        "plan's search time.)", "",
         "## Workload", "",
         "| quantity | arithmetic | value |", "|---|---|---|",
         f"| reference descriptors | {REFS:,} refs × {d_r:.0f} desc (measured mean; the "
