@@ -2,8 +2,9 @@
 
 Reference descriptors are identified by ``image_number << ROW_BITS | row`` (int64), so a hit
 names its reference image without any side table. The CPU default is an IVF index from an
-``index_factory`` string whose quantiser was trained on training photos (never on the
-references: ISC rule), shipped under ``local_fea/assets``; ``ReferenceIndex`` keeps the
+``index_factory`` string (``auto``: picked by the number of references, ``concrete_index``)
+whose quantiser was trained on training photos (never on the references: ISC rule), shipped
+under ``local_fea/assets``; ``ReferenceIndex`` keeps the
 populated index of a reference store on disk and extends it incrementally with new shards;
 removed references are left out at search time (``IndexSearch``). Exact search
 (``"Flat"``, and always when GPUs are visible) loads reference blocks of bounded size into
