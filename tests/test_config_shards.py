@@ -84,12 +84,14 @@ def test_shipped_assets_are_found_from_any_folder(tmp_path: Path, monkeypatch) -
     """The installed ``copydet`` runs from anywhere: the configuration's relative asset paths
     resolve into the repository (the trained index was looked up from the current folder)."""
     from common.config import REPO_ROOT, file_digest, repo_path
-    from local_fea.index import trained_index_path
+    from local_fea.index import AUTO_SMALL_MAX_REFS, concrete_index, trained_index_path
 
     monkeypatch.chdir(tmp_path)
     conf = load_config()
-    trained = trained_index_path(conf["local_search"], "rootsift-s300-k1000-x")
-    assert trained.is_file() and trained.is_relative_to(REPO_ROOT)
+    for n_references in (1, AUTO_SMALL_MAX_REFS + 1):  # each index auto picks
+        section = concrete_index(conf["local_search"], n_references)
+        trained = trained_index_path(section, "rootsift-s300-k1000-x")
+        assert trained.is_file() and trained.is_relative_to(REPO_ROOT)
     assert file_digest(conf["preprocess"]["weights"]) != "missing"
     (tmp_path / "mine.json").write_text("{}")
     assert repo_path("mine.json") == Path("mine.json")  # a file of the user's, from here
