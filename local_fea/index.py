@@ -45,7 +45,7 @@ AUTO = "auto"
 # and searching up to ~10^4 references); more lists make the searched lists shorter (what
 # dominates at scale: IVF1024 at nprobe 8 scans twice the codes of IVF4096 at 16).
 AUTO_INDEXES = (("IVF1024,PQ64x4fs", 8), ("IVF4096,PQ64x4fs", 16))
-AUTO_SMALL_MAX_REFS = 15_000  # the measured break-even (README "Speed")
+AUTO_SMALL_MAX_REFS = 15_000  # break-even estimated from measured costs (README "Speed")
 
 
 def encode_ids(image_number: int, n: int) -> np.ndarray:
