@@ -53,7 +53,7 @@ RULES: dict[str, Rule] = {
     "local_fea.edge_threshold": Rule(above=0, kind=NUMBER),
     "local_fea.thumb_side": Rule(low=8),
     "local_fea.max_pixels": COUNT,
-    "local_search.nprobe": COUNT,
+    "local_search.nprobe": Rule(low=1, kind=(int,), also=("auto",)),
     "local_search.k": Rule(low=2),
     "local_search.candidates": COUNT,
     "local_search.gpu": GPU,

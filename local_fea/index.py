@@ -172,11 +172,19 @@ class ExactSearch:
 
 
 def concrete_index(conf: dict[str, Any], n_references: int) -> dict[str, Any]:
-    """The ``local_search`` section with ``index: auto`` made concrete for a reference set of
-    ``n_references`` images (its factory string and nprobe from ``AUTO_INDEXES``)."""
-    if conf["index"] != AUTO:
-        return conf
-    index, nprobe = AUTO_INDEXES[n_references > AUTO_SMALL_MAX_REFS]
+    """The ``local_search`` section with ``index: auto`` and ``nprobe: auto`` made concrete for
+    a reference set of ``n_references`` images: ``auto`` takes the factory string of
+    ``AUTO_INDEXES`` by set size, and the nprobe listed there for its index; a value given
+    is kept."""
+    index = conf["index"]
+    if index == AUTO:
+        index = AUTO_INDEXES[n_references > AUTO_SMALL_MAX_REFS][0]
+    nprobe = conf["nprobe"]
+    if nprobe == AUTO and index != EXACT:  # exact search probes nothing
+        nprobe = dict(AUTO_INDEXES).get(index)
+        if nprobe is None:
+            raise UserError(f"local_search.nprobe: auto knows only {dict(AUTO_INDEXES)}: give "
+                            f"a number for {index!r}")
     return {**conf, "index": index, "nprobe": nprobe}
 
 

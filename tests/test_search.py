@@ -169,12 +169,15 @@ def test_the_default_index_keeps_the_copies_exact_search_finds(demo_stores) -> N
 
 def test_auto_index_follows_the_reference_set_size(demo_stores) -> None:
     conf, work, refs, queries = demo_stores
-    section = {**conf["local_search"], "index": "auto", "nprobe": 3}
+    section = {**conf["local_search"], "index": "auto", "nprobe": "auto"}
     small = concrete_index(section, AUTO_SMALL_MAX_REFS)
     large = concrete_index(section, AUTO_SMALL_MAX_REFS + 1)
     assert (small["index"], small["nprobe"]) == AUTO_INDEXES[0]
     assert (large["index"], large["nprobe"]) == AUTO_INDEXES[1]
-    assert concrete_index({**section, "index": "Flat"}, 10**6)["nprobe"] == 3  # as given
+    assert concrete_index({**section, "nprobe": 3}, 1)["nprobe"] == 3  # a number given is kept
+    assert concrete_index({**section, "index": "Flat"}, 10**6)["index"] == "Flat"
+    with pytest.raises(UserError, match="give a number"):
+        concrete_index({**section, "index": "IVF4096,SQ8"}, 1)
     candidates = search.main({**conf, "local_search": section}, queries, refs, work)
     assert candidates.parent.parent.name.startswith("IVF1024_PQ64x4fs-np8-")  # named as run
     (index_dir,) = (work / "local_index").glob("IVF1024_PQ64x4fs-*")
