@@ -151,7 +151,7 @@ def run_script(call: Callable[[], Any]) -> int:
     """The body of a standalone script (the builders of ``data/``, ``preprocess.synth``):
     progress and INFO logs on stderr, then ``report_errors``; a missing or already written
     folder or a value out of range (``FileExistsError``, ``FileNotFoundError``,
-    ``ValueError``) is a user error like any other."""
+    ``ValueError``) is a user error like any other. What it made (a path) is printed."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     def checked() -> Any:
@@ -160,7 +160,9 @@ def run_script(call: Callable[[], Any]) -> int:
         except (FileExistsError, FileNotFoundError, ValueError) as err:
             raise UserError(str(err)) from None
 
-    report_errors(checked)
+    made = report_errors(checked)
+    if made is not None:
+        print(made)
     return 0
 
 

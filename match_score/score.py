@@ -20,13 +20,14 @@ from common.logistic import LogisticModel
 FEATURES = ("log_inliers", "inlier_ratio", "dense_agree", "dense_evidence", "log_matches",
             "coverage")
 DENSE_FULL = 64  # informative cells at which photometric evidence counts fully
+READ = ("inliers", "matches", "dense_agree", "dense_cells", "coverage")  # verification fields
 
 
 def feature_matrix(rows: Sequence[Mapping[str, object]]) -> np.ndarray:
     """Model inputs from verification rows (dicts with ``geometry.FIELDS`` keys)."""
-    stale = [f for f in ("coverage",) if rows and f not in rows[0]]
-    if stale:
-        raise UserError(f"verified pairs without {stale} (written by an older version): "
+    missing = [f for f in READ if rows and f not in rows[0]]
+    if missing:
+        raise UserError(f"verified pairs without {missing} (written by an older version): "
                         "verify them again (`copydet verify`, or `copydet run`)")
 
     def col(name: str) -> np.ndarray:
