@@ -47,11 +47,14 @@ DOCS = REPO_ROOT / "docs"
 K, C = 10, 5
 
 
+SEARCH = load_config()["local_search"]
+
+
 def default_index(n_references: int) -> tuple[str, int]:
     """The configured index (``auto``: the one it picks) and nprobe for ``n_references``."""
     from local_fea.index import concrete_index
 
-    section = concrete_index(load_config()["local_search"], n_references)
+    section = concrete_index(SEARCH, n_references)
     return section["index"], section["nprobe"]
 
 
@@ -284,8 +287,7 @@ def shipped_index(factory: str, features: str) -> bool:
     """Whether a trained index of ``factory`` ships in the trained-index folder."""
     from local_fea.index import trained_index_path
 
-    return trained_index_path({**load_config()["local_search"], "index": factory},
-                              features).exists()
+    return trained_index_path({**SEARCH, "index": factory}, features).exists()
 
 
 def train_variants(features: str, training: ShardStore, trained_dir: Path) -> None:
