@@ -38,6 +38,7 @@ from common.resources import measured
 from global_fea import extract as global_extract
 from global_fea import search as global_search
 from local_fea import extract, search
+from local_fea.index import concrete_index
 from match_score import verify
 from merge import fuse
 from merge.evidence import (
@@ -181,8 +182,10 @@ def _run(conf: dict[str, Any], query_set: ImageSet, reference_set: ImageSet, wor
          out: str | Path | None) -> Path:
     """``run`` on two listed image sets, the work folder held."""
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    if conf["merge"]["method"] == "fusion":  # a model for other branches: stop before any runs
+    # settings that are wrong only together: stop before any work
+    if conf["merge"]["method"] == "fusion":  # a model fitted for other branches
         fuse.fusion_model(conf, selected(conf["merge"]["branches"]))
+    concrete_index(conf["local_search"], len(reference_set))  # nprobe auto, an unknown index
     record = Record()
     outputs = run_branches(conf, query_set, reference_set, work, record)
     pair_files = {name: o["pairs"] for name, o in outputs.items()}

@@ -9,6 +9,7 @@ import faiss
 import numpy as np
 import pytest
 
+import pipeline
 from common import UserError
 from common.config import load_config
 from common.shards import ShardStore
@@ -224,3 +225,10 @@ def test_reference_blocks_cover_every_descriptor(demo_stores) -> None:
     assert total == expected
     images = np.unique(np.concatenate([decode_images(i) for _, i in blocks]))
     assert [store.id_of(n) for n in images] == store.ids
+
+
+def test_an_index_without_its_nprobe_stops_a_run_before_any_work(tmp_path: Path) -> None:
+    conf = load_config(overrides=["local_search.index=IVF4096,SQ8"])  # nprobe: auto
+    with pytest.raises(UserError, match="give a number for 'IVF4096,SQ8'"):
+        pipeline.run(conf, DATA / "queryimages", DATA / "referenceimages", tmp_path / "work")
+    assert not (tmp_path / "work" / "local_fea").exists()
