@@ -180,7 +180,17 @@ class ShardStore:
 
 @functools.lru_cache(maxsize=128)
 def _load_shard(path: str, mtime_ns: int, inode: int) -> dict[str, Any]:
-    return safe_pickle.load(path, mmap_mode="r")
+    return _plain(safe_pickle.load(path, mmap_mode="r"))
+
+
+def _plain(obj: Any) -> Any:
+    """Memory-mapped arrays as plain ndarray views of the same pages: slicing a ``np.memmap``
+    goes through Python-level hooks, a cost per image that verification pays per pair."""
+    if isinstance(obj, np.memmap):
+        return obj.view(np.ndarray)
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    return obj
 
 
 def pack(arrays: Sequence[np.ndarray], dtype: Any, width: int | None = None) -> dict[str, Any]:

@@ -99,6 +99,11 @@ def extract_image(path: str | Path, conf: dict[str, Any], mirror: bool) -> Image
     return ImageFeatures((width, height), views, resize_long_side(small, conf["thumb_side"]))
 
 
+def _thumb(shard: dict[str, Any], row: int) -> np.ndarray:
+    h, w = shard["thumb_shape"][row]
+    return unpack(shard["thumbs"], row).reshape(h, w)
+
+
 class LocalFeatures:
     """Read one image's features from a store without loading the rest of its shard."""
 
@@ -125,8 +130,16 @@ class LocalFeatures:
 
     def thumb(self, image_id: str) -> np.ndarray:
         shard, row = self._shard(image_id)
-        h, w = shard["thumb_shape"][row]
-        return unpack(shard["thumbs"], row).reshape(h, w)
+        return _thumb(shard, row)
+
+    def image(self, image_id: str, view: str = "orig") -> ImageFeatures:
+        """One view of one image with its size and thumbnail, from one shard lookup (what
+        verification reads of each side of a pair)."""
+        shard, row = self._shard(image_id)
+        packed = shard["views"][view]
+        return ImageFeatures(tuple(int(v) for v in shard["size"][row]),
+                             {view: (unpack(packed["kpts"], row), unpack(packed["desc"], row))},
+                             _thumb(shard, row))
 
     def views(self) -> list[str]:
         if not self.store.shards:

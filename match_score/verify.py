@@ -77,11 +77,10 @@ def verify_chunk(
 def verify_view(qf: LocalFeatures, rf: LocalFeatures, query_id: str, ref_id: str, view: str,
                 conf: dict[str, Any], feature_short_side: int) -> Verification:
     """Verify one view of a query against a reference (geometry and photometry)."""
-    q_thumb = qf.thumb(query_id)
-    if view == "mirror":
-        q_thumb = q_thumb[:, ::-1]
-    return verify(qf.get(query_id, view), rf.get(ref_id), (q_thumb, qf.size(query_id)),
-                  (rf.thumb(ref_id), rf.size(ref_id)), conf, feature_short_side)
+    q, r = qf.image(query_id, view), rf.image(ref_id)
+    q_thumb = q.thumb[:, ::-1] if view == "mirror" else q.thumb
+    return verify(q.views[view], r.views["orig"], (q_thumb, q.size), (r.thumb, r.size), conf,
+                  feature_short_side)
 
 
 def chunk_path(out_dir: Path, index: int, pairs: list[tuple[str, str, str, str]]) -> Path:

@@ -103,6 +103,21 @@ def test_bad_inputs_are_skipped_and_reported(tmp_path: Path, photos: Path, conf)
     assert len(feats.get(good)[1]) > 100 and feats.thumb(good).ndim == 2
 
 
+def test_store_reads_back_each_image_as_extracted(tmp_path: Path, photos: Path, conf) -> None:
+    root = extract.main(conf, photos, tmp_path / "work", mirror=True)
+    feats = LocalFeatures(root)
+    for path in sorted(photos.iterdir())[4:6]:  # the second shard
+        direct = extract_image(path, conf["local_fea"], mirror=True)
+        for view in ("orig", "mirror"):
+            stored = feats.image(path.stem, view)
+            assert stored.size == direct.size == feats.size(path.stem)
+            assert np.array_equal(stored.thumb, direct.thumb)
+            for got, want, old in zip(stored.views[view], direct.views[view],
+                                      feats.get(path.stem, view), strict=True):
+                assert np.array_equal(got, want) and np.array_equal(got, old)
+                assert type(got) is np.ndarray  # a plain view of the mapped pages
+
+
 def _extract_cmd(images: Path, work: Path) -> list[str]:
     return [python(), "-m", "local_fea.extract", "--images", str(images), "--work", str(work),
             "-o", "run.shard_size=2", "--n-jobs", "1"]
