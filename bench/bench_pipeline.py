@@ -4,12 +4,14 @@
 
 Runs ``python -m pipeline run`` (every branch, the defaults) and prints each stage's wall time,
 CPU time, throughput and peak memory (from the run record, ``pipeline.json``). Then the
-floor, with the same number of cores: a bare decode + SIFT loop over the same images (the
-queries with their keypoint budget; the stage derives their mirror view without a second
-SIFT), a bare forward of the same network in the stage's runtime (``global_fea.runtime``)
-over them (queries twice: mirrored too), and a bare Faiss search of the same query
-descriptors in the populated index. ``pipeline / floor`` is what everything around the
-extraction costs. Defaults to ../shared/devset; ``data.make_timing_set`` builds a larger set.
+floor, with the same number of cores, over every image and view the run described: a bare
+decode + SIFT loop over the references and each local branch's queries (the query folder, the
+detector's crops; with the query keypoint budget: the stage derives their mirror view without
+a second SIFT), a bare forward of the same network in the stage's runtime
+(``global_fea.runtime``) over the references and each global branch's queries (mirrored too
+with ``mirror_queries``), and a bare Faiss search of every local branch's query descriptors
+in the populated index. ``pipeline / floor`` is what everything around the extraction costs.
+Defaults to ../shared/devset; ``data.make_timing_set`` builds a larger set.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from global_fea import extract
 from local_fea import search
 from local_fea.index import load_index
 from local_fea.search import query_block
+from preprocess import detect
 
 DEVSET = REPO_ROOT.parent / "shared" / "devset"
 
@@ -45,23 +48,42 @@ def _sift_chunk(args: tuple[list[Path], int, int, bool]) -> int:
     return bare_loop(*args)
 
 
-def sift_floor(conf: dict, queries: list[Path], refs: list[Path], n_jobs: int) -> float:
-    """Seconds of a bare decode + SIFT loop over both sets on ``n_jobs`` processes."""
+def branch_queries(record: dict, kind: str) -> list[list[Path]]:
+    """The query images of each recorded branch of ``kind`` (``query_store``: a local branch,
+    ``h5``: a global one), as the run described them: the query folder or the detector's
+    crops."""
+    sets = []
+    for outputs in record["branches"].values():
+        if kind not in outputs:
+            continue
+        if kind == "query_store":
+            store = ShardStore(outputs["query_store"])
+            sets.append([store.source_path(i) for i in store.ids if not store.is_removed(i)])
+        elif "boxes" in outputs:
+            sets.append(list(detect.crop_set(Path(outputs["boxes"]), "global").paths))
+        else:
+            sets.append(list(list_images(record["queries"]).paths))
+    return sets
+
+
+def sift_floor(conf: dict, query_sets: list[list[Path]], refs: list[Path], n_jobs: int) -> float:
+    """Seconds of a bare decode + SIFT loop over the references and every query set on
+    ``n_jobs`` processes."""
     section = conf["local_fea"]
     chunks = [(refs[i::n_jobs], section["short_side"], section["max_keypoints"], False)
               for i in range(n_jobs)]
     chunks += [(queries[i::n_jobs], section["short_side"], section["query_max_keypoints"], False)
-               for i in range(n_jobs)]  # the stage derives the mirror view: no second SIFT
+               for queries in query_sets for i in range(n_jobs)]  # mirror view: no second SIFT
     start = time.perf_counter()
     with Pool(n_jobs) as pool:
         pool.map(_sift_chunk, chunks, chunksize=1)
     return time.perf_counter() - start
 
 
-def forward_floor(conf: dict, queries: list[Path], refs: list[Path], n_jobs: int,
+def forward_floor(conf: dict, query_sets: list[list[Path]], refs: list[Path], n_jobs: int,
                   work: Path) -> float:
     """Seconds of a bare decode + forward of the global network (in the stage's runtime) over
-    both sets."""
+    the references and every query set."""
     section = conf["global_fea"]
     torch.set_num_threads(n_jobs)
     net = network(section, extract.model_root(conf, work), n_jobs)  # the stage's export
@@ -69,19 +91,22 @@ def forward_floor(conf: dict, queries: list[Path], refs: list[Path], n_jobs: int
     bare_pass(refs[:section["batch_size"]], *args)  # warm-up: first calls
     start = time.perf_counter()
     bare_pass(refs, *args)
-    bare_pass(queries, *args, mirror=True)
+    for queries in query_sets:
+        bare_pass(queries, *args, mirror=section["mirror_queries"])
     return time.perf_counter() - start
 
 
 def search_floor(conf: dict, record: dict, work: Path, n_jobs: int) -> float:
-    """Seconds of a bare Faiss search of every query descriptor in the populated index."""
-    local = record["branches"]["local"]
-    queries, refs = ShardStore(local["query_store"]), Path(local["reference_store"])
+    """Seconds of a bare Faiss search of every local branch's query descriptors in the
+    populated index."""
+    branches = [o for o in record["branches"].values() if "query_store" in o]
+    refs = Path(branches[0]["reference_store"])
     conf = search.resolved(conf, ShardStore(refs))
     section = conf["local_search"]
     index_file = next(search.index_folder(conf, refs, work).glob("index-*.faiss"))
     index = load_index(index_file, section["nprobe"])
-    desc = np.concatenate([query_block(queries, k)[2] for k in range(len(queries.shards))])
+    stores = [ShardStore(o["query_store"]) for o in branches]
+    desc = np.concatenate([query_block(s, k)[2] for s in stores for k in range(len(s.shards))])
     faiss.omp_set_num_threads(n_jobs)
     start = time.perf_counter()
     for s in range(0, len(desc), section["query_batch"]):
@@ -127,8 +152,9 @@ def main() -> None:
     total = sum(s["seconds"] for s in record["stages"])
     print(f"  {'all stages':44s} {total:8.1f}   (whole run {run.seconds:.1f} s, peak "
           f"{run.peak_rss_mb:.0f} MB)")
-    floor = {"decode + SIFT": sift_floor(conf, queries, refs, n_jobs),
-             "decode + forward": forward_floor(conf, queries, refs, n_jobs, work),
+    local_sets, global_sets = (branch_queries(record, k) for k in ("query_store", "h5"))
+    floor = {"decode + SIFT": sift_floor(conf, local_sets, refs, n_jobs),
+             "decode + forward": forward_floor(conf, global_sets, refs, n_jobs, work),
              "Faiss search": search_floor(conf, record, work, n_jobs)}
     n_images = len(queries) + len(refs)
     print(f"floor, same images, {n_jobs} cores")
