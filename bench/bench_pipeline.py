@@ -68,10 +68,10 @@ def branch_queries(record: dict, kind: str) -> list[list[Path]]:
 
 def sift_floor(conf: dict, query_sets: list[list[Path]], refs: list[Path], n_jobs: int) -> float:
     """Seconds of a bare decode + SIFT loop over the references and every query set on
-    ``n_jobs`` processes."""
+    ``n_jobs`` processes (nothing without a local branch)."""
     section = conf["local_fea"]
     chunks = [(refs[i::n_jobs], section["short_side"], section["max_keypoints"], False)
-              for i in range(n_jobs)]
+              for i in range(n_jobs) if query_sets]
     chunks += [(queries[i::n_jobs], section["short_side"], section["query_max_keypoints"], False)
                for queries in query_sets for i in range(n_jobs)]  # mirror view: no second SIFT
     start = time.perf_counter()
@@ -83,7 +83,9 @@ def sift_floor(conf: dict, query_sets: list[list[Path]], refs: list[Path], n_job
 def forward_floor(conf: dict, query_sets: list[list[Path]], refs: list[Path], n_jobs: int,
                   work: Path) -> float:
     """Seconds of a bare decode + forward of the global network (in the stage's runtime) over
-    the references and every query set."""
+    the references and every query set (nothing without a global branch)."""
+    if not query_sets:
+        return 0.0
     section = conf["global_fea"]
     torch.set_num_threads(n_jobs)
     net = network(section, extract.model_root(conf, work), n_jobs)  # the stage's export
@@ -98,8 +100,10 @@ def forward_floor(conf: dict, query_sets: list[list[Path]], refs: list[Path], n_
 
 def search_floor(conf: dict, record: dict, work: Path, n_jobs: int) -> float:
     """Seconds of a bare Faiss search of every local branch's query descriptors in the
-    populated index."""
+    populated index (nothing without a local branch)."""
     branches = [o for o in record["branches"].values() if "query_store" in o]
+    if not branches:
+        return 0.0
     refs = Path(branches[0]["reference_store"])
     conf = search.resolved(conf, ShardStore(refs))
     section = conf["local_search"]
@@ -157,7 +161,7 @@ def main() -> None:
              "decode + forward": forward_floor(conf, global_sets, refs, n_jobs, work),
              "Faiss search": search_floor(conf, record, work, n_jobs)}
     n_images = len(queries) + len(refs)
-    print(f"floor, same images, {n_jobs} cores")
+    print(f"floor: every image, crop and view the run described, {n_jobs} cores")
     for name, seconds in floor.items():
         print(f"  {name:44s} {seconds:8.1f}")
     print(f"  {'floor':44s} {sum(floor.values()):8.1f}")

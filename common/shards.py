@@ -152,9 +152,10 @@ class ShardStore:
         ]
 
     def load(self, k: int, cache: bool = True) -> dict[str, Any]:
-        """Shard ``k`` with its arrays memory-mapped, cached per process (a rewritten shard
-        file is read again); ``cache=False`` for a one-pass stream over many shards (its pages
-        are released once it is dropped)."""
+        """Shard ``k`` with its arrays memory-mapped (plain ndarray views of the mapped pages),
+        cached per process (a rewritten shard file is read again); ``cache=False`` for a
+        one-pass stream over many shards (``np.memmap`` arrays, their pages released once the
+        shard is dropped)."""
         path = self.shard_path(k)
         if not cache:
             return safe_pickle.load(path, mmap_mode="r")
@@ -190,6 +191,8 @@ def _plain(obj: Any) -> Any:
         return obj.view(np.ndarray)
     if isinstance(obj, dict):
         return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(map(_plain, obj))
     return obj
 
 

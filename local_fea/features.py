@@ -99,11 +99,6 @@ def extract_image(path: str | Path, conf: dict[str, Any], mirror: bool) -> Image
     return ImageFeatures((width, height), views, resize_long_side(small, conf["thumb_side"]))
 
 
-def _thumb(shard: dict[str, Any], row: int) -> np.ndarray:
-    h, w = shard["thumb_shape"][row]
-    return unpack(shard["thumbs"], row).reshape(h, w)
-
-
 class LocalFeatures:
     """Read one image's features from a store without loading the rest of its shard."""
 
@@ -118,28 +113,26 @@ class LocalFeatures:
         shard, row = self._shard(image_id)
         return shard["status"][row]
 
-    def size(self, image_id: str) -> tuple[int, int]:
+    def image(self, image_id: str, view: str = "orig") -> ImageFeatures:
+        """One view of one image with its full size and thumbnail, from one shard lookup
+        (what verification reads of each side of a pair)."""
         shard, row = self._shard(image_id)
-        return tuple(int(v) for v in shard["size"][row])
+        packed = shard["views"][view]
+        width, height = (int(v) for v in shard["size"][row])
+        h, w = shard["thumb_shape"][row]
+        return ImageFeatures((width, height),
+                             {view: (unpack(packed["kpts"], row), unpack(packed["desc"], row))},
+                             unpack(shard["thumbs"], row).reshape(h, w))
+
+    def size(self, image_id: str) -> tuple[int, int]:
+        return self.image(image_id).size
 
     def get(self, image_id: str, view: str = "orig") -> tuple[np.ndarray, np.ndarray]:
         """(kpts, desc) of one view of one image."""
-        shard, row = self._shard(image_id)
-        packed = shard["views"][view]
-        return unpack(packed["kpts"], row), unpack(packed["desc"], row)
+        return self.image(image_id, view).views[view]
 
     def thumb(self, image_id: str) -> np.ndarray:
-        shard, row = self._shard(image_id)
-        return _thumb(shard, row)
-
-    def image(self, image_id: str, view: str = "orig") -> ImageFeatures:
-        """One view of one image with its size and thumbnail, from one shard lookup (what
-        verification reads of each side of a pair)."""
-        shard, row = self._shard(image_id)
-        packed = shard["views"][view]
-        return ImageFeatures(tuple(int(v) for v in shard["size"][row]),
-                             {view: (unpack(packed["kpts"], row), unpack(packed["desc"], row))},
-                             _thumb(shard, row))
+        return self.image(image_id).thumb
 
     def views(self) -> list[str]:
         if not self.store.shards:

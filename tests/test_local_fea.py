@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from common import shards
 from common.shards import ShardStore
 from local_fea import extract
 from local_fea.features import ROOTSIFT_SCALE, LocalFeatures, extract_image, mirror_view
@@ -116,6 +117,9 @@ def test_store_reads_back_each_image_as_extracted(tmp_path: Path, photos: Path, 
                                       feats.get(path.stem, view), strict=True):
                 assert np.array_equal(got, want) and np.array_equal(got, old)
                 assert type(got) is np.ndarray  # a plain view of the mapped pages
+    kept = feats.image(path.stem, "mirror")
+    shards._load_shard.cache_clear()  # the cache lets go of the shard: its views still read
+    assert np.array_equal(kept.views["mirror"][1], direct.views["mirror"][1])
 
 
 def _extract_cmd(images: Path, work: Path) -> list[str]:
