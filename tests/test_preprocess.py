@@ -167,6 +167,24 @@ def test_detection_finds_a_pasted_copy_and_keeps_plain_queries_whole(tmp_path: P
     assert rows["plain"]["used_for"] == ""  # a weak box may be recorded, but is not used
 
 
+def test_cpu_detection_runs_a_replica_per_thread_and_gives_torch_its_threads_back(
+        tmp_path: Path, conf) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    _crafted_queries(tmp_path / "queries")
+    (tmp_path / "queries" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    boxes = detect.main(conf, tmp_path / "queries", tmp_path / "work")  # run.n_jobs=2
+    assert torch.get_num_threads() == before
+    assert set(_rows(boxes)) == {"pasted", "plain"}
+    assert [r["id"] for r in read_csv(boxes.parent / "skipped.csv")] == ["broken"]
+    try:
+        detector = detect.Detector(conf["preprocess"], 2, tmp_path / "yolo")
+        assert detector.devices == ["cpu", "cpu"] and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 ONTO_BG = ("Q00004", "Q00033")  # the demo's copies pasted onto another photo (R000004, R000025)
 
 
