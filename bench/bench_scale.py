@@ -311,8 +311,9 @@ def train_variants(features: str, training: ShardStore, trained_dir: Path) -> No
     centroids = {}
     for factory in dict.fromkeys(f for f, _ in COMPARED):
         if shipped_index(factory, features):
-            ivf = faiss.extract_index_ivf(faiss.read_index(str(trained_index_path(
-                {**conf, "index": factory}, features))))
+            shipped = faiss.read_index(str(trained_index_path({**conf, "index": factory},
+                                                              features)))
+            ivf = faiss.extract_index_ivf(shipped)  # a view into ``shipped``: keep it alive
             centroids[ivf.nlist] = ivf.quantizer.reconstruct_n(0, ivf.nlist)
     for factory in todo:
         nlist = int(factory.split(",")[0].split("_")[0][3:])
