@@ -48,10 +48,9 @@ def _sift_chunk(args: tuple[list[Path], int, int, bool]) -> int:
     return bare_loop(*args)
 
 
-def branch_queries(record: dict, kind: str) -> list[list[Path]]:
+def branch_queries(record: dict, kind: str, queries: list[Path]) -> list[list[Path]]:
     """The query images of each recorded branch of ``kind`` (``query_store``: a local branch,
-    ``h5``: a global one), as the run described them: the query folder or the detector's
-    crops."""
+    ``h5``: a global one), as the run described them: ``queries`` or the detector's crops."""
     sets = []
     for outputs in record["branches"].values():
         if kind not in outputs:
@@ -62,7 +61,7 @@ def branch_queries(record: dict, kind: str) -> list[list[Path]]:
         elif "boxes" in outputs:
             sets.append(list(detect.crop_set(Path(outputs["boxes"]), "global").paths))
         else:
-            sets.append(list(list_images(record["queries"]).paths))
+            sets.append(queries)
     return sets
 
 
@@ -156,7 +155,8 @@ def main() -> None:
     total = sum(s["seconds"] for s in record["stages"])
     print(f"  {'all stages':44s} {total:8.1f}   (whole run {run.seconds:.1f} s, peak "
           f"{run.peak_rss_mb:.0f} MB)")
-    local_sets, global_sets = (branch_queries(record, k) for k in ("query_store", "h5"))
+    local_sets, global_sets = (branch_queries(record, k, queries)
+                                 for k in ("query_store", "h5"))
     floor = {"decode + SIFT": sift_floor(conf, local_sets, refs, n_jobs),
              "decode + forward": forward_floor(conf, global_sets, refs, n_jobs, work),
              "Faiss search": search_floor(conf, record, work, n_jobs)}

@@ -50,6 +50,11 @@ K, C = 10, 5
 SEARCH = load_config()["local_search"]
 
 
+def tag(factory: str) -> str:
+    """A factory string as a results key or folder name."""
+    return factory.replace(",", "_")
+
+
 def default_index(n_references: int) -> tuple[str, int]:
     """The configured index (``auto``: the one it picks) and nprobe for ``n_references``."""
     from local_fea.index import concrete_index
@@ -300,7 +305,7 @@ def train_variants(features: str, training: ShardStore, trained_dir: Path) -> No
     from local_fea.index import trained_index_path, write_index
     from local_fea.train_index import sample_descriptors
 
-    conf = load_config()["local_search"]
+    conf = SEARCH
     todo = [f for f in dict.fromkeys(f for f, _ in COMPARED) if not shipped_index(f, features)
             and not trained_index_path({**conf, "index": f, "trained_dir": trained_dir},
                                        features).exists()]
@@ -383,11 +388,10 @@ def main() -> None:
                                             "block_mb": args.block_mb})
             factory, nprobe = default_index(len(store))
             if (factory, nprobe) != (CURVE, CURVE_NPROBE):  # what auto uses at this size
-                tag = factory.replace(",", "_")
-                build = results.get(f"auto-build-{tag}-x{f}", {
+                build = results.get(f"auto-build-{tag(factory)}-x{f}", {
                     "kind": "ivf-build", "refs": str(store.root), "factory": factory,
                     "trained_dir": shipped_dir, "features": features,
-                    "out": str(root / "index" / f"x{f}-{tag}")})
+                    "out": str(root / "index" / f"x{f}-{tag(factory)}")})
                 results.get(auto_key(factory, nprobe, f), {
                     "kind": "ivf-search", "refs": str(store.root), "queries": str(queries),
                     "query_ids": q16, "index": build["index"], "nprobe": nprobe,
@@ -403,11 +407,11 @@ def main() -> None:
         train_variants(features, training, trained_dir)
     for factory, nprobe in compared:
         tdir = shipped_dir if shipped_index(factory, features) else str(trained_dir)
-        tag = factory.replace(",", "_")
-        build = results.get(f"cmp-build-{tag}", {
+        name = tag(factory)
+        build = results.get(f"cmp-build-{name}", {
             "kind": "ivf-build", "refs": str(devset_refs.root), "factory": factory,
-            "trained_dir": tdir, "features": features, "out": str(root / "cmp" / tag)})
-        results.get(f"cmp-search-{tag}-np{nprobe}", {
+            "trained_dir": tdir, "features": features, "out": str(root / "cmp" / name)})
+        results.get(f"cmp-search-{name}-np{nprobe}", {
             "kind": "ivf-search", "refs": str(devset_refs.root), "queries": str(queries),
             "query_ids": q200, "index": build["index"], "nprobe": nprobe, "factory": factory})
 
@@ -436,7 +440,7 @@ def _fmt(x: float, digits: int = 2) -> str:
 
 def auto_key(factory: str, nprobe: int, factor: int) -> str:
     """Results key of the search with ``auto``'s own index at ``factor`` (the 16 copies)."""
-    return f"auto-search-{factory.replace(',', '_')}-np{nprobe}-x{factor}"
+    return f"auto-search-{tag(factory)}-np{nprobe}-x{factor}"
 
 
 def auto_searches(data: dict[str, Any], factor: int) -> list[tuple[str, str]]:
@@ -521,8 +525,8 @@ def report(data: dict[str, Any], factors: list[int], gt: dict[str, str], q2: lis
                   f"{_fmt(exact['seconds'], 1)} | 1 | 512 (float32; uint8 in the store: 128) "
                   "| - |"]
         for factory, nprobe in COMPARED:
-            tag = factory.replace(",", "_")
-            b, s = data.get(f"cmp-build-{tag}"), data.get(f"cmp-search-{tag}-np{nprobe}")
+            name = tag(factory)
+            b, s = data.get(f"cmp-build-{name}"), data.get(f"cmp-search-{name}-np{nprobe}")
             if not (b and s):
                 continue
             shipped = " (default)" if (factory, nprobe) == (DEFAULT, DEFAULT_NPROBE) else ""

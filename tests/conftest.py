@@ -15,6 +15,7 @@ import pytest
 from common.config import REPO_ROOT, load_config
 
 DATA = REPO_ROOT / "data"
+DEFAULT_INDEX = load_config()["local_search"]["index"]  # the default: "auto"
 SHARED = REPO_ROOT.parent / "shared"
 DEVSET = SHARED / "devset"
 NO_NETWORK = REPO_ROOT / "tests" / "no_network"

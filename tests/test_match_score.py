@@ -148,4 +148,3 @@ def test_pairs_verified_by_an_older_version_are_a_user_error() -> None:
     old = [{"inliers": 9, "matches": 12, "dense_agree": 0.8, "dense_cells": 40}]
     with pytest.raises(UserError, match="verify them again"):
         model.predict(old)
-

@@ -32,9 +32,8 @@ from local_fea.index import (
     reference_blocks,
     use_gpu,
 )
-from tests.conftest import DATA, REPO_ROOT, python
+from tests.conftest import DATA, DEFAULT_INDEX, REPO_ROOT, python
 
-SHIPPED_INDEX = load_config()["local_search"]["index"]
 GT = {r["query_id"]: r["reference_id"] for r in csv.DictReader(
     (DATA / "gt.csv").read_text().splitlines())}
 
@@ -162,7 +161,7 @@ def _search_files(work: Path) -> tuple[Path, Path]:
     return index_dir, next((work / "local_search").glob("*/queries-*-vs-references-*"))
 
 
-@pytest.mark.parametrize("index", [SHIPPED_INDEX, "Flat"])
+@pytest.mark.parametrize("index", [DEFAULT_INDEX, "Flat"])
 def test_incremental_add_gives_the_candidates_of_a_rebuild(demo_sets, tmp_path: Path,
                                                            index: str) -> None:
     queries, all_refs = demo_sets
@@ -200,7 +199,7 @@ def test_incremental_add_gives_the_candidates_of_a_rebuild(demo_sets, tmp_path: 
     assert found_new == {q for q in GT if GT[q] in new_refs and (queries / f"{q}.jpg").exists()}
 
 
-@pytest.mark.parametrize("index", [SHIPPED_INDEX, "Flat"])
+@pytest.mark.parametrize("index", [DEFAULT_INDEX, "Flat"])
 def test_removed_references_leave_the_results(demo_sets, tmp_path: Path, index: str) -> None:
     queries, all_refs = demo_sets
     refs = _copy(sorted(p.name for p in all_refs.iterdir()), all_refs, tmp_path / "references")

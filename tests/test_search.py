@@ -24,9 +24,7 @@ from local_fea.index import (
     exact_search,
     reference_blocks,
 )
-from tests.conftest import DATA
-
-SHIPPED_INDEX = load_config()["local_search"]["index"]
+from tests.conftest import DATA, DEFAULT_INDEX
 
 
 def test_vote_soft_ratio_weights_and_one_vote_per_descriptor() -> None:
@@ -123,7 +121,7 @@ def _top1(candidates: Path) -> dict[str, str]:
     return {q: r for q, (_, r) in best.items()}
 
 
-@pytest.mark.parametrize("index", [SHIPPED_INDEX, "Flat"])
+@pytest.mark.parametrize("index", [DEFAULT_INDEX, "Flat"])
 def test_search_stage_finds_the_copies(demo_stores, index: str) -> None:
     conf, work, refs, queries = demo_stores
     conf = {**conf, "local_search": {**conf["local_search"], "index": index}}
@@ -158,7 +156,7 @@ def test_the_default_index_keeps_the_copies_exact_search_finds(demo_stores) -> N
     conf, work, refs, queries = demo_stores
     exact, approx = (_candidate_sets(search.main(
         {**conf, "local_search": {**conf["local_search"], "index": name}}, queries, refs, work))
-        for name in ("Flat", SHIPPED_INDEX))
+        for name in ("Flat", DEFAULT_INDEX))
     with open(DATA / "gt.csv") as f:
         gt = {r["query_id"]: r["reference_id"] for r in csv.DictReader(f) if r["reference_id"]}
     found = {q for q, r in gt.items() if r in exact.get(q, set())}
