@@ -4,14 +4,20 @@
 
 Runs ``python -m pipeline run`` (every branch, the defaults) and prints each stage's wall time,
 CPU time, throughput and peak memory (from the run record, ``pipeline.json``). Then the
-floor, with the same number of cores, over every image and view the run described: a bare
-decode + SIFT loop over the references and each local branch's queries (the query folder, the
-detector's crops; with the query keypoint budget: the stage derives their mirror view without
-a second SIFT), a bare forward of the same network in the stage's runtime
-(``global_fea.runtime``) over the references and each global branch's queries (mirrored too
-with ``mirror_queries``), and a bare Faiss search of every local branch's query descriptors
-in the populated index. ``pipeline / floor`` is what everything around the extraction costs.
-Defaults to ../shared/devset; ``data.make_timing_set`` builds a larger set.
+floor, with the same number of cores, over every image and view the run described:
+
+- a bare decode + SIFT loop over the references and each local branch's queries (the query
+  folder, the detector's crops; with the query keypoint budget: the stage derives their
+  mirror view without a second SIFT);
+- a bare forward of the same network in the stage's runtime (``global_fea.runtime``) over the
+  references and each global branch's queries (mirrored too with ``mirror_queries``);
+- a bare decode + forward of the overlay detector over the queries, when a crop branch runs;
+- a bare Faiss search of every local branch's query descriptors in the populated index.
+
+The parts over the two input folders are measured before and after the run and averaged, so
+that the machine's drift over the run cancels; the crops' and the search's need the run's
+outputs and come after it. ``pipeline / floor`` is what everything around the extraction
+costs. Defaults to ../shared/devset; ``data.make_timing_set`` builds a larger set.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import faiss
 import numpy as np
 import torch
 
+import pipeline
 from bench.bare_sift import bare_loop
 from bench.bench_global import bare_pass, network
 from bench.memory import measure
@@ -35,10 +42,10 @@ from common.config import REPO_ROOT, load_config
 from common.images import list_images
 from common.parallel import resolve_n_jobs
 from common.shards import ShardStore
-from global_fea import extract
 from local_fea import search
 from local_fea.index import load_index
 from local_fea.search import query_block
+from merge.evidence import read_global, read_local
 from preprocess import detect
 
 DEVSET = REPO_ROOT.parent / "shared" / "devset"
@@ -48,53 +55,113 @@ def _sift_chunk(args: tuple[list[Path], int, int, bool]) -> int:
     return bare_loop(*args)
 
 
-def branch_queries(record: dict, kind: str, queries: list[Path]) -> list[list[Path]]:
-    """The query images of each recorded branch of ``kind`` (``query_store``: a local branch,
-    ``h5``: a global one), as the run described them: ``queries`` or the detector's crops."""
+def described(conf: dict) -> tuple[bool, bool, bool]:
+    """Whether the branches of ``merge.branches`` describe images by SIFT, by the global
+    network, and the queries' crops (so run the overlay detector)."""
+    branches = pipeline.selected(conf["merge"]["branches"])
+    return (any(b.read is read_local for b in branches),
+            any(b.read is read_global for b in branches),
+            any(b.run in (pipeline.run_crop_local, pipeline.run_crop_global) for b in branches))
+
+
+def crop_sets(record: dict, kind: str) -> list[list[Path]]:
+    """The crops each recorded crop branch of ``kind`` (``query_store``: a local branch,
+    ``h5``: a global one) described."""
     sets = []
     for outputs in record["branches"].values():
-        if kind not in outputs:
+        if kind not in outputs or "boxes" not in outputs:
             continue
         if kind == "query_store":
             store = ShardStore(outputs["query_store"])
             sets.append([store.source_path(i) for i in store.ids if not store.is_removed(i)])
-        elif "boxes" in outputs:
-            sets.append(list(detect.crop_set(Path(outputs["boxes"]), "global").paths))
         else:
-            sets.append(queries)
+            sets.append(list(detect.crop_set(Path(outputs["boxes"]), "global").paths))
     return sets
 
 
-def sift_floor(conf: dict, query_sets: list[list[Path]], refs: list[Path], n_jobs: int) -> float:
-    """Seconds of a bare decode + SIFT loop over the references and every query set on
-    ``n_jobs`` processes (nothing without a local branch)."""
-    section = conf["local_fea"]
-    chunks = [(refs[i::n_jobs], section["short_side"], section["max_keypoints"], False)
-              for i in range(n_jobs) if query_sets]
-    chunks += [(queries[i::n_jobs], section["short_side"], section["query_max_keypoints"], False)
-               for queries in query_sets for i in range(n_jobs)]  # mirror view: no second SIFT
+def sift_floor(conf: dict, sets: list[tuple[list[Path], int]], n_jobs: int) -> float:
+    """Seconds of a bare decode + SIFT loop over every (images, keypoint budget) set on
+    ``n_jobs`` processes (queries: no second SIFT for the mirror view, which the stage
+    derives)."""
+    chunks = [(paths[i::n_jobs], conf["local_fea"]["short_side"], budget, False)
+              for paths, budget in sets for i in range(n_jobs) if paths]
     start = time.perf_counter()
-    with Pool(n_jobs) as pool:
-        pool.map(_sift_chunk, chunks, chunksize=1)
-    return time.perf_counter() - start
+    if chunks:
+        with Pool(n_jobs) as pool:
+            pool.map(_sift_chunk, chunks, chunksize=1)
+    return time.perf_counter() - start if chunks else 0.0
 
 
-def forward_floor(conf: dict, query_sets: list[list[Path]], refs: list[Path], n_jobs: int,
-                  work: Path) -> float:
-    """Seconds of a bare decode + forward of the global network (in the stage's runtime) over
-    the references and every query set (nothing without a global branch)."""
-    if not query_sets:
+def forward_floor(conf: dict, sets: list[tuple[list[Path], bool]], n_jobs: int,
+                  folder: Path) -> float:
+    """Seconds of a bare decode + forward of the global network, in the stage's runtime
+    (its ONNX export in ``folder``), over every (images, mirrored too) set."""
+    sets = [(paths, mirror) for paths, mirror in sets if paths]
+    if not sets:
         return 0.0
     section = conf["global_fea"]
     torch.set_num_threads(n_jobs)
-    net = network(section, extract.model_root(conf, work), n_jobs)  # the stage's export
+    net = network(section, folder, n_jobs)
     args = (net, section["image_size"], section["batch_size"])
-    bare_pass(refs[:section["batch_size"]], *args)  # warm-up: first calls
+    bare_pass(sets[0][0][:section["batch_size"]], *args)  # warm-up: first calls
     start = time.perf_counter()
-    bare_pass(refs, *args)
-    for queries in query_sets:
-        bare_pass(queries, *args, mirror=section["mirror_queries"])
+    for paths, mirror in sets:
+        bare_pass(paths, *args, mirror=mirror)
     return time.perf_counter() - start
+
+
+def detect_floor(conf: dict, queries: list[Path], n_jobs: int, config_dir: Path) -> float:
+    """Seconds of a bare decode + forward of the overlay detector over ``queries`` as the
+    stage runs it (``detect.Detector``: one replica per core on CPU, decoding on as many
+    threads), without box selection, crops or shards."""
+    if not queries:
+        return 0.0
+    from preprocess.yolo import set_threads
+
+    section, step, threads = conf["preprocess"], conf["run"]["shard_size"], torch.get_num_threads()
+    try:
+        detector = detect.Detector(section, n_jobs, config_dir)
+
+        def forward(paths: list[Path]) -> None:
+            good = [x for x in detector.read(paths) if not isinstance(x, Exception)]
+            detector.detect([image for image, _ in good], [size for _, size in good])
+
+        forward(queries[:section["batch"]])  # warm-up: first calls
+        start = time.perf_counter()
+        for s in range(0, len(queries), step):  # a shard at a time, as the stage
+            forward(queries[s:s + step])
+        return time.perf_counter() - start
+    finally:
+        set_threads(threads)
+
+
+def input_floor(conf: dict, queries: list[Path], refs: list[Path], n_jobs: int,
+                scratch: Path) -> dict[str, float]:
+    """The floor's parts over the two input folders (what the branches describe of them):
+    measured before and after the run, so that the machine's drift over the run cancels."""
+    sift, forward, crops = described(conf)
+    lf, gf = conf["local_fea"], conf["global_fea"]
+    return {
+        "decode + SIFT": sift_floor(conf, [(refs, lf["max_keypoints"]),
+                                           (queries, lf["query_max_keypoints"])]
+                                    if sift else [], n_jobs),
+        "decode + forward": forward_floor(conf, [(refs, False), (queries, gf["mirror_queries"])]
+                                          if forward else [], n_jobs, scratch / "network"),
+        "decode + detector forward": detect_floor(conf, queries if crops else [], n_jobs,
+                                                  scratch / "ultralytics"),
+    }
+
+
+def crop_floor(conf: dict, record: dict, n_jobs: int, scratch: Path) -> dict[str, float]:
+    """The floor's parts over the detector's crops, which exist only after the run."""
+    lf, gf = conf["local_fea"], conf["global_fea"]
+    return {
+        "decode + SIFT, crops": sift_floor(conf, [(c, lf["query_max_keypoints"]) for c in
+                                                  crop_sets(record, "query_store")], n_jobs),
+        "decode + forward, crops": forward_floor(conf, [(c, gf["mirror_queries"]) for c in
+                                                        crop_sets(record, "h5")],
+                                                 n_jobs, scratch / "network"),
+    }
 
 
 def search_floor(conf: dict, record: dict, work: Path, n_jobs: int) -> float:
@@ -136,6 +203,10 @@ def main() -> None:
     work = (args.work or Path(tempfile.mkdtemp(prefix="bench_pipeline-"))).resolve()
     conf = load_config(overrides=args.override)
     n_jobs = resolve_n_jobs(conf["run"]["n_jobs"])
+    queries = list(list_images(args.queries).paths)
+    refs = list(list_images(args.references).paths)
+    with tempfile.TemporaryDirectory(prefix="bench_floor-") as scratch:
+        before = input_floor(conf, queries, refs, n_jobs, Path(scratch) / "before")
     overrides = [x for o in args.override for x in ("-o", o)]
     run = measure([sys.executable, "-m", "pipeline", "run", "--queries", str(args.queries),
                    "--references", str(args.references), "--work", str(work), *overrides],
@@ -144,8 +215,6 @@ def main() -> None:
         raise SystemExit(f"the pipeline failed (exit {run.returncode})")
     record = json.loads((work / "pipeline.json").read_text())
     print(f"pipeline on {args.queries} x {args.references}, {n_jobs} cores")
-    queries = list(list_images(args.queries).paths)
-    refs = list(list_images(args.references).paths)
     print(f"  {'stage':44s} {'wall s':>8s} {'CPU s':>8s} {'img/s':>8s} {'peak MB':>8s}")
     for stage in record["stages"]:
         name = f"{stage['stage']} {stage['label']}"
@@ -155,20 +224,23 @@ def main() -> None:
     total = sum(s["seconds"] for s in record["stages"])
     print(f"  {'all stages':44s} {total:8.1f}   (whole run {run.seconds:.1f} s, peak "
           f"{run.peak_rss_mb:.0f} MB)")
-    local_sets, global_sets = (branch_queries(record, k, queries)
-                                 for k in ("query_store", "h5"))
-    floor = {"decode + SIFT": sift_floor(conf, local_sets, refs, n_jobs),
-             "decode + forward": forward_floor(conf, global_sets, refs, n_jobs, work),
-             "Faiss search": search_floor(conf, record, work, n_jobs)}
-    n_images = len(queries) + len(refs)
-    print(f"floor: every image, crop and view the run described, {n_jobs} cores")
+    with tempfile.TemporaryDirectory(prefix="bench_floor-") as scratch:
+        after = input_floor(conf, queries, refs, n_jobs, Path(scratch) / "after")
+        floor = {name: (before[name] + after[name]) / 2 for name in before}
+        floor |= crop_floor(conf, record, n_jobs, Path(scratch) / "after")
+    floor["Faiss search"] = search_floor(conf, record, work, n_jobs)
+    print(f"floor: every image, crop and view the run described, {n_jobs} cores (the input "
+          "folders' parts: the mean of before and after the run)")
     for name, seconds in floor.items():
-        print(f"  {name:44s} {seconds:8.1f}")
+        drift = f"  (before {before[name]:.1f}, after {after[name]:.1f})" if name in before else ""
+        print(f"  {name:44s} {seconds:8.1f}{drift}")
     print(f"  {'floor':44s} {sum(floor.values()):8.1f}")
     ratio = run.seconds / sum(floor.values())
+    n_images = len(queries) + len(refs)
     print(f"pipeline / floor = {ratio:.2f}  ({n_images / run.seconds:.1f} images/s end to end)")
     report = {"stages": record["stages"], "run_seconds": run.seconds,
-              "peak_rss_mb": run.peak_rss_mb, "floor": floor, "ratio": ratio}
+              "peak_rss_mb": run.peak_rss_mb, "floor": floor, "floor_before": before,
+              "floor_after": after, "ratio": ratio}
     (work / "bench_pipeline.json").write_text(json.dumps(report, indent=1))
     print(f"figures in {work / 'bench_pipeline.json'}")
 

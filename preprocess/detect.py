@@ -135,6 +135,12 @@ class Detector:
         rgb, size = read_image(path, "RGB", min_side=self.conf["imgsz"])
         return resize_long_side(rgb, self.conf["imgsz"]), size
 
+    def read(self, paths: Sequence[str | Path]) -> list[tuple[np.ndarray, tuple[int, int]]
+                                                        | ImageError]:
+        """``small`` of every path, on one thread per model replica, in order (an unreadable
+        image gives its ``ImageError``)."""
+        return _each(self.small, paths, len(self.models))
+
     def _detect_batch(self, replica: int, images: list[np.ndarray],
                       sizes: list[tuple[int, int]]) -> list[list[Box]]:
         """Boxes of one batch of RGB images, by model replica ``replica`` on its device."""
@@ -226,7 +232,7 @@ def _each(fn: Callable[[T], R], items: Sequence[T], threads: int) -> list[R | Im
 def detect_shard(task: ShardTask, detector: Detector, root: Path, run: RunLog) -> int:
     """Detect, crop and record one shard of queries; return the number of images."""
     conf, threads = detector.conf, len(detector.models)
-    loaded = _each(detector.small, task.paths, threads)
+    loaded = detector.read(task.paths)
     status = [str(x) if isinstance(x, ImageError) else "" for x in loaded]
     good = [x for x in loaded if not isinstance(x, ImageError)]
     found = iter(detector.detect([im for im, _ in good], [size for _, size in good]))
