@@ -121,15 +121,10 @@ def detect_floor(conf: dict, queries: list[Path], n_jobs: int, config_dir: Path)
     section, step, threads = conf["preprocess"], conf["run"]["shard_size"], torch.get_num_threads()
     try:
         detector = detect.Detector(section, n_jobs, config_dir)
-
-        def forward(paths: list[Path]) -> None:
-            good = [x for x in detector.read(paths) if not isinstance(x, Exception)]
-            detector.detect([image for image, _ in good], [size for _, size in good])
-
-        forward(queries[:section["batch"]])  # warm-up: first calls
+        detector.find(queries[:section["batch"]])  # warm-up: first calls
         start = time.perf_counter()
         for s in range(0, len(queries), step):  # a shard at a time, as the stage
-            forward(queries[s:s + step])
+            detector.find(queries[s:s + step])
         return time.perf_counter() - start
     finally:
         set_threads(threads)

@@ -135,11 +135,14 @@ class Detector:
         rgb, size = read_image(path, "RGB", min_side=self.conf["imgsz"])
         return resize_long_side(rgb, self.conf["imgsz"]), size
 
-    def read(self, paths: Sequence[str | Path]) -> list[tuple[np.ndarray, tuple[int, int]]
+    def find(self, paths: Sequence[str | Path]) -> list[tuple[list[Box], tuple[int, int]]
                                                         | ImageError]:
-        """``small`` of every path, on one thread per model replica, in order (an unreadable
-        image gives its ``ImageError``)."""
-        return _each(self.small, paths, len(self.models))
+        """All boxes over ``min_conf`` of each image and its full size, in order (decoded on one
+        thread per model replica); an unreadable image gives its ``ImageError``."""
+        loaded = _each(self.small, paths, len(self.models))
+        good = [x for x in loaded if not isinstance(x, ImageError)]
+        found = iter(self.detect([image for image, _ in good], [size for _, size in good]))
+        return [x if isinstance(x, ImageError) else (next(found), x[1]) for x in loaded]
 
     def _detect_batch(self, replica: int, images: list[np.ndarray],
                       sizes: list[tuple[int, int]]) -> list[list[Box]]:
@@ -232,17 +235,15 @@ def _each(fn: Callable[[T], R], items: Sequence[T], threads: int) -> list[R | Im
 def detect_shard(task: ShardTask, detector: Detector, root: Path, run: RunLog) -> int:
     """Detect, crop and record one shard of queries; return the number of images."""
     conf, threads = detector.conf, len(detector.models)
-    loaded = detector.read(task.paths)
-    status = [str(x) if isinstance(x, ImageError) else "" for x in loaded]
-    good = [x for x in loaded if not isinstance(x, ImageError)]
-    found = iter(detector.detect([im for im, _ in good], [size for _, size in good]))
+    found = detector.find(task.paths)
+    status = [str(x) if isinstance(x, ImageError) else "" for x in found]
     boxes = np.full((len(task.ids), 4), np.nan, np.float32)
     scores = np.zeros(len(task.ids), np.float32)
     crops = []  # (row, box) of every readable query
-    for row, x in enumerate(loaded):
+    for row, x in enumerate(found):
         if isinstance(x, ImageError):
             continue
-        box = select_box(next(found), x[1], conf)
+        box = select_box(*x, conf)
         if box is not None:
             boxes[row], scores[row] = (box.x1, box.y1, box.x2, box.y2), box.conf
         crops.append((row, box))
