@@ -6,7 +6,7 @@ Both run in this process, on the same images, with the same number of threads:
 
 - bare: for each batch, PIL decode + RGB + resize to S x S, a tensor, normalisation, and
   the network's forward pass in the runtime the stage uses (``global_fea.runtime``: ONNX
-  Runtime or torch), nothing else;
+  Runtime or torch), on as many threads as the stage calls it from, nothing else;
 - stage: ``global_fea.extract.extract_set`` into a fresh work folder (robust decoding,
   DataLoader, shards written atomically, skip reports, logs); the network's one-time ONNX
   export into that folder is made before the clock starts.
@@ -23,6 +23,7 @@ import argparse
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,25 +36,31 @@ from global_fea import extract, runtime, weights
 from global_fea.extract import Network
 
 
-def network(section: dict, folder: Path, threads: int) -> Network:
-    """The descriptor network as the stage runs it on CPU (``global_fea.runtime``; an ONNX
-    export goes to ``folder``)."""
-    return runtime.cpu_network(weights.build(section), section, folder, threads)
+def network(section: dict, folder: Path, threads: int) -> list[Network]:
+    """The descriptor network as the stage runs it on ``threads`` CPU cores, once per thread
+    that calls it at once (``global_fea.runtime.cpu_callers``; an ONNX export goes to
+    ``folder``)."""
+    return runtime.cpu_callers(weights.build(section), section, folder, threads)
 
 
-def bare_pass(paths: list[Path], net: Network, size: int, batch: int,
-              mirror: bool = False) -> int:
-    """Decode, resize and describe ``paths`` (and their mirror images) in batches with
-    ``net`` (its own input normalisation); return the number of descriptors."""
-    done = 0
+def bare_batch(paths: list[Path], net: Network, size: int, mirror: bool) -> int:
+    """Decode, resize and describe one batch (and its mirror images); return the number of
+    descriptors."""
+    arrays = [np.asarray(Image.open(p).convert("RGB").resize((size, size))) for p in paths]
     with torch.inference_mode():
-        for start in range(0, len(paths), batch):
-            arrays = [np.asarray(Image.open(p).convert("RGB").resize((size, size)))
-                      for p in paths[start:start + batch]]
-            x = net.preprocess(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2))
-            for view in (x, x.flip(3)) if mirror else (x,):
-                done += len(net(view))
-    return done
+        x = net.preprocess(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2))
+        return sum(len(net(view)) for view in ((x, x.flip(3)) if mirror else (x,)))
+
+
+def bare_pass(paths: list[Path], nets: list[Network], size: int, batch: int,
+              mirror: bool = False) -> int:
+    """``bare_batch`` over ``paths`` in batches, the batches going round-robin to ``nets``,
+    each entry on a thread of its own (as the stage calls them); return the number of
+    descriptors."""
+    batches = [paths[s:s + batch] for s in range(0, len(paths), batch)]
+    with ThreadPoolExecutor(len(nets)) as pool:
+        return sum(pool.map(lambda i: bare_batch(batches[i], nets[i % len(nets)], size, mirror),
+                            range(len(batches))))
 
 
 def main() -> None:
@@ -69,7 +76,6 @@ def main() -> None:
     conf = load_config(overrides=[f"run.n_jobs={args.threads}", "global_fea.device=cpu",
                                   *args.override])
     section = conf["global_fea"]
-    torch.set_num_threads(args.threads)
     sources = list(list_images(args.images).paths)
     tmp = Path(tempfile.mkdtemp(prefix="bench_global-"))
     try:
@@ -80,13 +86,13 @@ def main() -> None:
             src = sources[i % len(sources)]
             paths.append(folder / f"{i:05d}{src.suffix}")
             shutil.copy(src, paths[-1])
-        net = network(section, tmp / "network", args.threads)
+        nets = network(section, tmp / "network", args.threads)
         size, batch = section["image_size"], section["batch_size"]
-        bare_pass(paths[:batch], net, size, batch)  # warm-up
+        bare_pass(paths[:batch], nets, size, batch)  # warm-up
         best = {"bare": np.inf, "stage": np.inf}
         for r in range(args.repeats):
             start = time.perf_counter()
-            bare_pass(paths, net, size, batch)
+            bare_pass(paths, nets, size, batch)
             best["bare"] = min(best["bare"], time.perf_counter() - start)
             work = tmp / f"work{r}"
             network(section, extract.model_root(conf, work), args.threads)  # export: untimed

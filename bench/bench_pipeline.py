@@ -100,9 +100,7 @@ def forward_floor(conf: dict, sets: list[tuple[list[Path], bool]], n_jobs: int,
     if not sets:
         return 0.0
     section = conf["global_fea"]
-    torch.set_num_threads(n_jobs)
-    net = network(section, folder, n_jobs)
-    args = (net, section["image_size"], section["batch_size"])
+    args = (network(section, folder, n_jobs), section["image_size"], section["batch_size"])
     bare_pass(sets[0][0][:section["batch_size"]], *args)  # warm-up: first calls
     start = time.perf_counter()
     for paths, mirror in sets:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -132,40 +132,55 @@ def describe_batches(
 ) -> Iterator[tuple[np.ndarray, np.ndarray | None, list[str]]]:
     """(descriptors, mirrored descriptors or None, reasons) per batch of ``paths``, in order.
 
-    With several devices (``model``: one replica per device, in the same order) the batches
-    go round-robin to the devices, each device run by its own thread, a few batches ahead;
-    results still come in the order of ``paths``.
+    With several devices (``model``: one replica per device, in the same order; or one CPU
+    network once per thread that calls it, ``runtime.cpu_callers``) the batches go
+    round-robin to them, each run by its own thread, a few batches ahead, and decoded there
+    unless loader ``workers`` decode them; results still come in the order of ``paths``.
     """
     models = [model] if isinstance(model, Network) else list(model)
     devices = [device] if isinstance(device, torch.device) else list(device)
     if len(models) != len(devices):
         raise ValueError(f"{len(models)} model(s) for {len(devices)} device(s)")
     data = ImageFolderData(paths, section["image_size"], section["max_pixels"])
-    loader = DataLoader(data, batch_size=section["batch_size"], num_workers=workers,
-                        pin_memory=devices[0].type == "cuda",
-                        prefetch_factor=4 if workers else None,
-                        multiprocessing_context=SPAWN if workers else None)
+    size = section["batch_size"]
+    jobs: Iterable[tuple[torch.Tensor, Sequence[str]] | range]
+    if workers or len(devices) == 1:  # decoded by the loader (in its worker processes)
+        jobs = DataLoader(data, batch_size=size, num_workers=workers,
+                          pin_memory=devices[0].type == "cuda",
+                          prefetch_factor=4 if workers else None,
+                          multiprocessing_context=SPAWN if workers else None)
+    else:  # rows of ``data``, decoded by the thread that describes them
+        jobs = (range(s, min(s + size, len(data))) for s in range(0, len(data), size))
     if len(devices) == 1:
-        for images, reasons in loader:
-            desc, flipped = describe_batch(models[0], images, mirror, devices[0])
-            yield desc, flipped, list(reasons)
+        for job in jobs:
+            yield describe_job(models[0], data, job, mirror, devices[0])
         return
     pools = [ThreadPoolExecutor(1, thread_name_prefix=f"describe-{d}") for d in devices]
-    pending: deque[tuple[Future, list[str]]] = deque()
+    pending: deque[Future] = deque()
     try:
-        for i, (images, reasons) in enumerate(loader):
+        for i, job in enumerate(jobs):
             d = i % len(devices)
-            pending.append((pools[d].submit(describe_batch, models[d], images, mirror,
-                                            devices[d]), list(reasons)))
+            pending.append(pools[d].submit(describe_job, models[d], data, job, mirror,
+                                           devices[d]))
             while len(pending) > 2 * len(devices):  # keep every device two batches ahead
-                future, done = pending.popleft()
-                yield (*future.result(), done)
+                yield pending.popleft().result()
         while pending:
-            future, done = pending.popleft()
-            yield (*future.result(), done)
+            yield pending.popleft().result()
     finally:
         for pool in pools:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def describe_job(model: Network, data: ImageFolderData,
+                 job: tuple[torch.Tensor, Sequence[str]] | range, mirror: bool,
+                 device: torch.device) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    """``describe_batch`` of a batch the loader decoded, ``(images, reasons)``, or of the rows
+    ``job`` of ``data``, decoded here."""
+    if isinstance(job, range):
+        items = [data[i] for i in job]
+        job = torch.stack([image for image, _ in items]), [reason for _, reason in items]
+    images, reasons = job
+    return (*describe_batch(model, images, mirror, device), list(reasons))
 
 
 def shard_needs(store: ShardStore, k: int, mirror: bool) -> bool:
@@ -198,19 +213,18 @@ def describe_shards(store: ShardStore, todo: list[int], section: dict[str, Any],
     """Describe the images of shards ``todo`` on every device of ``global_fea.device`` (one
     model replica each); write each shard as soon as it is complete."""
     devices = devices_of(section)
-    if devices[0].type == "cpu":
-        torch.set_num_threads(resolve_n_jobs(n_jobs))
     model = weights.build(section)
-    models = [copy.deepcopy(model).to(d) for d in devices[1:]]
     if devices[0].type == "cpu":
-        models.insert(0, runtime.cpu_network(model, section, store.root.parent,
-                                             resolve_n_jobs(n_jobs)))
+        models = runtime.cpu_callers(model, section, store.root.parent, resolve_n_jobs(n_jobs))
+        devices = devices * len(models)
     else:
         runtime.use_onnx(section, devices[0])  # runtime=onnx on a GPU: one line, not a crash
-        models.insert(0, model.to(devices[0]))
+        copies = [copy.deepcopy(model).to(d) for d in devices[1:]]
+        models = [model.to(devices[0]), *copies]
     onnx = isinstance(models[0], runtime.OnnxDescriptor)
     run.logger.info("global descriptors on %s, in %s", ", ".join(map(str, devices)),
-                    "ONNX Runtime" if onnx else "torch")
+                    f"ONNX Runtime ({len(models)} threads calling one single-thread session)"
+                    if onnx else "torch")
     tasks = store.tasks(todo)
     paths = [p for t in tasks for p in t.paths]
     batches = describe_batches(models, paths, section, mirror, devices,

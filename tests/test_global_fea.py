@@ -206,6 +206,27 @@ def test_onnx_runtime_gives_the_torch_descriptors_of_real_images(tmp_path: Path)
                           got)
 
 
+def test_threads_calling_one_onnx_session_describe_as_one_caller(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    section = {**load_config()["global_fea"], "image_size": 64, "batch_size": 2}
+    model = GlobalDescriptor(ModelConf(image_size=64)).eval()
+    callers = runtime.cpu_callers(model, section, tmp_path, 3)
+    assert len(callers) == 3 and isinstance(callers[0], runtime.OnnxDescriptor)
+    assert all(c is callers[0] for c in callers)  # one session, loaded once
+    assert runtime.cpu_callers(model, {**section, "runtime": "torch"}, tmp_path, 3) == [model]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(CAT.read_bytes()[:300])
+    paths = [str(p) for p in demo_references()[:4]] + [str(broken)] + [str(CAT)] * 2
+    cpu = torch.device("cpu")
+    one = list(extract.describe_batches(callers[0], paths, section, True, cpu, 0))
+    three = list(extract.describe_batches(callers, paths, section, True, [cpu] * 3, 0))
+    assert [r for _, _, r in three] == [r for _, _, r in one]  # batches in order
+    assert [bool(r) for _, _, rows in one for r in rows] == [False] * 4 + [True] + [False] * 2
+    for (desc, mirror, _), (desc3, mirror3, _) in zip(one, three, strict=True):
+        np.testing.assert_array_equal(desc3, desc)  # single-thread sessions: bit for bit
+        np.testing.assert_array_equal(mirror3, mirror)
+    assert not np.allclose(one[0][0][0], one[0][0][1], atol=1e-3)  # distinct images
+
 def test_runtime_choice_follows_the_setting_the_device_and_what_is_installed(
         monkeypatch) -> None:
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
