@@ -144,7 +144,7 @@ def describe_batches(
     data = ImageFolderData(paths, section["image_size"], section["max_pixels"])
     size = section["batch_size"]
     jobs: Iterable[tuple[torch.Tensor, Sequence[str]] | range]
-    if workers or len(devices) == 1:  # decoded by the loader (in its worker processes)
+    if workers or len(devices) == 1:  # decoded by the loader (in its workers, if any)
         jobs = DataLoader(data, batch_size=size, num_workers=workers,
                           pin_memory=devices[0].type == "cuda",
                           prefetch_factor=4 if workers else None,
