@@ -8,7 +8,7 @@ version and this module's export version, so a file is never reused for another 
 and every export is checked against torch on a fixed batch before it is used. ``auto`` uses
 ONNX Runtime on CPU when it is installed and the export checks out (otherwise it says why and
 runs torch); ``onnx`` requires it; GPUs always run torch. On ``n`` cores one single-thread
-session is called by ``n`` threads at once (``cpu_callers``): 14 % more images per second
+session is called by ``n`` threads at once (``cpu_callers``): 10-15 % more images per second
 than one session of ``n`` threads on 2 cores (no synchronisation inside a batch, and the
 decoding of the next batch overlaps), with the same descriptors, bit for bit.
 """
