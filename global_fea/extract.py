@@ -132,8 +132,8 @@ def describe_batches(
 ) -> Iterator[tuple[np.ndarray, np.ndarray | None, list[str]]]:
     """(descriptors, mirrored descriptors or None, reasons) per batch of ``paths``, in order.
 
-    With several devices (``model``: one replica per device, in the same order; or one CPU
-    network once per thread that calls it, ``runtime.cpu_callers``) the batches go
+    With several devices (``model``: one replica per device, in the same order; or the CPU
+    sessions of ``runtime.cpu_callers``, one per calling thread) the batches go
     round-robin to them, each run by its own thread, a few batches ahead, and decoded there
     unless loader ``workers`` decode them; results still come in the order of ``paths``.
     """
@@ -223,7 +223,7 @@ def describe_shards(store: ShardStore, todo: list[int], section: dict[str, Any],
         models = [model.to(devices[0]), *copies]
     onnx = isinstance(models[0], runtime.OnnxDescriptor)
     run.logger.info("global descriptors on %s, in %s", ", ".join(map(str, devices)),
-                    f"ONNX Runtime ({len(models)} threads calling one single-thread session)"
+                    f"ONNX Runtime ({len(models)} threads, each calling its own session)"
                     if onnx else "torch")
     tasks = store.tasks(todo)
     paths = [p for t in tasks for p in t.paths]

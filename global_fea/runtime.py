@@ -7,9 +7,10 @@ stores (written atomically; the hash covers the weights, the model's settings, t
 version and this module's export version, so a file is never reused for another network),
 and every export is checked against torch on a fixed batch before it is used. ``auto`` uses
 ONNX Runtime on CPU when it is installed and the export checks out (otherwise it says why and
-runs torch); ``onnx`` requires it; GPUs always run torch. On ``n`` cores one single-thread
-session is called by ``n`` threads at once (``cpu_callers``): 10-15 % more images per second
-than one session of ``n`` threads on 2 cores (no synchronisation inside a batch, and the
+runs torch); ``onnx`` requires it; GPUs always run torch. On ``n`` cores up to
+``MAX_CALLERS`` threads call the network at once, each its own session on its share of the
+cores (``cpu_callers``): on 2 cores, two single-thread sessions give 10-15 % more images
+per second than one session of two threads (no synchronisation inside a batch, and the
 decoding of the next batch overlaps), with the same descriptors, bit for bit.
 """
 
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 EXPORT_VERSION = 1  # bump when the export below changes
 MIN_COSINE = 0.9999  # ONNX Runtime against torch, on the check batch
+MAX_CALLERS = 4  # threads calling the network at once on CPU (each: a batch's activations)
 
 
 class ExportError(RuntimeError):
@@ -117,7 +119,7 @@ class OnnxDescriptor:
                                                 providers=["CPUExecutionProvider"])
         except Exception as err:  # a corrupt or foreign file: the caller decides, as for export
             raise ExportError(f"ONNX Runtime cannot load {path}: {err}") from err
-        self.model = model
+        self.model, self.threads = model, threads
         self.check()
 
     def check(self) -> None:
@@ -162,8 +164,13 @@ def cpu_network(model: GlobalDescriptor, section: dict[str, Any], folder: Path,
 def cpu_callers(model: GlobalDescriptor, section: dict[str, Any], folder: Path,
                 n_jobs: int) -> list[GlobalDescriptor | OnnxDescriptor]:
     """The network as ``cpu_network`` runs it on ``n_jobs`` cores, once per thread that calls
-    it at once: one single-thread ONNX Runtime session for ``n_jobs`` threads, or torch (on
-    ``n_jobs`` threads of its own) for one."""
+    it at once: ONNX Runtime sessions sharing the cores out, one per calling thread (at most
+    ``MAX_CALLERS``: each holds a batch's activations), or torch on ``n_jobs`` threads of its
+    own, for one."""
     torch.set_num_threads(n_jobs)
-    net = cpu_network(model, section, folder, threads=1)
-    return [net] * n_jobs if isinstance(net, OnnxDescriptor) else [net]
+    callers = max(1, min(n_jobs, MAX_CALLERS))
+    threads = [n_jobs // callers + (i < n_jobs % callers) for i in range(callers)]
+    first = cpu_network(model, section, folder, threads[0])
+    if not isinstance(first, OnnxDescriptor):
+        return [first]
+    return [first, *(OnnxDescriptor(model, folder, t) for t in threads[1:])]

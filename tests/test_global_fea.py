@@ -206,13 +206,15 @@ def test_onnx_runtime_gives_the_torch_descriptors_of_real_images(tmp_path: Path)
                           got)
 
 
-def test_threads_calling_one_onnx_session_describe_as_one_caller(tmp_path: Path) -> None:
+def test_threads_calling_onnx_sessions_describe_as_one_caller(tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
     section = {**load_config()["global_fea"], "image_size": 64, "batch_size": 2}
     model = GlobalDescriptor(ModelConf(image_size=64)).eval()
     callers = runtime.cpu_callers(model, section, tmp_path, 3)
-    assert len(callers) == 3 and isinstance(callers[0], runtime.OnnxDescriptor)
-    assert all(c is callers[0] for c in callers)  # one session, loaded once
+    assert [c.threads for c in callers] == [1, 1, 1]  # one session per calling thread
+    assert len({id(c.session) for c in callers}) == 3 and len(list(tmp_path.glob("*.onnx"))) == 1
+    # more cores than callers: the cores are shared out, the callers capped
+    assert [c.threads for c in runtime.cpu_callers(model, section, tmp_path, 6)] == [2, 2, 1, 1]
     assert runtime.cpu_callers(model, {**section, "runtime": "torch"}, tmp_path, 3) == [model]
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(CAT.read_bytes()[:300])
