@@ -7,8 +7,8 @@ Both run in this process, on the same images, with the same number of threads:
 - bare: for each batch, PIL decode + RGB + resize to S x S, a tensor, normalisation, and
   the network's forward pass in the runtime the stage uses (``global_fea.runtime``: ONNX
   Runtime or torch), on as many threads as the stage calls it from, nothing else;
-- stage: ``global_fea.extract.extract_set`` into a fresh work folder (robust decoding,
-  DataLoader, shards written atomically, skip reports, logs); the network's one-time ONNX
+- stage: ``global_fea.extract.extract_set`` into a fresh work folder (robust decoding on the
+  calling threads, shards written atomically, skip reports, logs); the network's one-time ONNX
   export into that folder is made before the clock starts.
 
 ``-o global_fea.runtime=torch`` measures the torch forward instead.

@@ -102,9 +102,10 @@ def export(model: GlobalDescriptor, path: Path) -> Path:
 
 class OnnxDescriptor:
     """The descriptor network in an ONNX Runtime session: called like ``GlobalDescriptor``
-    (a preprocessed batch in, descriptors out), on ``threads`` CPU threads."""
+    (a preprocessed batch in, descriptors out), on ``threads`` CPU threads. ``check``: compare
+    it with torch first (off only for another session of a file already checked)."""
 
-    def __init__(self, model: GlobalDescriptor, folder: Path, threads: int):
+    def __init__(self, model: GlobalDescriptor, folder: Path, threads: int, check: bool = True):
         import onnxruntime as ort
 
         path = onnx_path(model, folder)
@@ -120,7 +121,8 @@ class OnnxDescriptor:
         except Exception as err:  # a corrupt or foreign file: the caller decides, as for export
             raise ExportError(f"ONNX Runtime cannot load {path}: {err}") from err
         self.model, self.threads = model, threads
-        self.check()
+        if check:
+            self.check()
 
     def check(self) -> None:
         """Raise ``ExportError`` unless this session describes the check batch as torch does."""
@@ -173,4 +175,4 @@ def cpu_callers(model: GlobalDescriptor, section: dict[str, Any], folder: Path,
     first = cpu_network(model, section, folder, threads[0])
     if not isinstance(first, OnnxDescriptor):
         return [first]
-    return [first, *(OnnxDescriptor(model, folder, t) for t in threads[1:])]
+    return [first, *(OnnxDescriptor(model, folder, t, check=False) for t in threads[1:])]

@@ -229,6 +229,7 @@ def test_threads_calling_onnx_sessions_describe_as_one_caller(tmp_path: Path) ->
         np.testing.assert_array_equal(mirror3, mirror)
     assert not np.allclose(one[0][0][0], one[0][0][1], atol=1e-3)  # distinct images
 
+
 def test_runtime_choice_follows_the_setting_the_device_and_what_is_installed(
         monkeypatch) -> None:
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
