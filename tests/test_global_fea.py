@@ -190,7 +190,8 @@ def test_onnx_runtime_gives_the_torch_descriptors_of_real_images(tmp_path: Path)
     section = {**load_config()["global_fea"], "runtime": "onnx", "device": "cpu"}
     model = weights.build(section)
     paths = [str(p) for p in demo_references()[:6]]
-    images = torch.from_numpy(np.stack([extract.load_square(p, 224, 10**8) for p in paths])
+    size = section["image_size"]  # the exported network's input size
+    images = torch.from_numpy(np.stack([extract.load_square(p, size, 10**8) for p in paths])
                               .transpose(0, 3, 1, 2).copy())
     expected, expected_flip = extract.describe_batch(model, images, True, torch.device("cpu"))
     onnx = runtime.OnnxDescriptor(model, tmp_path, threads=1)
