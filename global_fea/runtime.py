@@ -120,7 +120,7 @@ class OnnxDescriptor:
                                                 providers=["CPUExecutionProvider"])
         except Exception as err:  # a corrupt or foreign file: the caller decides, as for export
             raise ExportError(f"ONNX Runtime cannot load {path}: {err}") from err
-        self.model, self.threads = model, threads
+        self.model = model
         if check:
             self.check()
 
