@@ -87,7 +87,7 @@ def main() -> None:
             paths.append(folder / f"{i:05d}{src.suffix}")
             shutil.copy(src, paths[-1])
         nets = network(section, tmp / "network", args.threads)
-        size, batch = section["image_size"], section["batch_size"]
+        size, batch = section["image_size"], extract.batch_size(section, torch.device("cpu"))
         bare_pass(paths[:batch], nets, size, batch)  # warm-up
         best = {"bare": np.inf, "stage": np.inf}
         for r in range(args.repeats):

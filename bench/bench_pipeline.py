@@ -42,6 +42,7 @@ from common.config import REPO_ROOT, load_config
 from common.images import list_images
 from common.parallel import resolve_n_jobs
 from common.shards import ShardStore
+from global_fea.extract import batch_size
 from local_fea import search
 from local_fea.index import load_index
 from local_fea.search import query_block
@@ -100,8 +101,9 @@ def forward_floor(conf: dict, sets: list[tuple[list[Path], bool]], n_jobs: int,
     if not sets:
         return 0.0
     section = conf["global_fea"]
-    args = (network(section, folder, n_jobs), section["image_size"], section["batch_size"])
-    bare_pass(sets[0][0][:section["batch_size"]], *args)  # warm-up: first calls
+    batch = batch_size(section, torch.device("cpu"))
+    args = (network(section, folder, n_jobs), section["image_size"], batch)
+    bare_pass(sets[0][0][:batch], *args)  # warm-up: first calls
     start = time.perf_counter()
     for paths, mirror in sets:
         bare_pass(paths, *args, mirror=mirror)

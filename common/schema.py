@@ -79,7 +79,7 @@ RULES: dict[str, Rule] = {
     "global_fea.mean": Rule(item=NUMBER, length=3),
     "global_fea.std": Rule(item=NUMBER, length=3, above=0),
     "global_fea.max_pixels": COUNT,
-    "global_fea.batch_size": COUNT,
+    "global_fea.batch_size": Rule(kind=(int,), low=1, also=("auto",)),
     "global_fea.workers": Rule(kind=(int,), low=0, also=("auto",)),
     "global_fea.device": DEVICE,
     "global_fea.runtime": Rule(choices=("auto", "torch", "onnx")),

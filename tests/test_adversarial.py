@@ -321,6 +321,7 @@ def test_a_misspelt_key_is_one_line(photos: Path, tmp_path: Path) -> None:
     ("global_fea.pool=median", "one of gem, avg, max"),
     ("global_fea.std=[0.5, 0, 0.5]", "a list of 3 items, each a number > 0"),
     ("global_fea.workers=-2", "an integer >= 0 or auto"),
+    ("global_fea.batch_size=0", "an integer >= 1 or auto"),
     ("merge.method=best", "one of fusion, max"),
     ("preprocess.crop_quality=101", "an integer >= 1 and <= 100"),
     ("run.lock_wait_s=-1", "a number >= 0"),

@@ -232,6 +232,15 @@ def test_threads_calling_onnx_sessions_describe_as_one_caller(tmp_path: Path) ->
         np.testing.assert_array_equal(desc3, desc)  # single-thread sessions: bit for bit
         np.testing.assert_array_equal(mirror3, mirror)
     assert not np.allclose(one[0][0][0], one[0][0][1], atol=1e-3)  # distinct images
+    # auto: batches of 8 on CPU (32 on GPUs) describe as batches of 2 do, bit for bit
+    auto = {**section, "batch_size": "auto"}
+    assert extract.batch_size(auto, cpu) == 8 and extract.batch_size(section, cpu) == 2
+    assert extract.batch_size(auto, [torch.device("cuda", 0)]) == 32
+    ((desc8, mirror8, reasons8),) = extract.describe_batches(callers, paths, auto, True,
+                                                             [cpu] * 3, 0)
+    assert reasons8 == [r for _, _, rows in one for r in rows]
+    np.testing.assert_array_equal(desc8, np.concatenate([d for d, _, _ in one]))
+    np.testing.assert_array_equal(mirror8, np.concatenate([m for _, m, _ in one]))
 
 
 def test_runtime_choice_follows_the_setting_the_device_and_what_is_installed(
