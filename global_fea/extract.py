@@ -84,9 +84,9 @@ def loader_workers(section: dict[str, Any], device: torch.device | Sequence[torc
 
 def batch_size(section: dict[str, Any], device: torch.device | Sequence[torch.device]) -> int:
     """Images per forward pass: ``global_fea.batch_size``, or (auto) 32 on GPUs and 8 on CPU,
-    where a small batch keeps a layer's activations in cache: 10-15 % more images per second
-    than batches of 32 on 2 cores (ONNX Runtime; the same descriptors, bit for bit), and a
-    quarter of the memory per calling thread."""
+    where a small batch keeps more of a layer's activations in cache: 3-10 % more images per
+    second than batches of 32 on 2 cores (ONNX Runtime; the same descriptors, bit for bit),
+    and a quarter of the activations per calling thread."""
     devices = [device] if isinstance(device, torch.device) else list(device)
     if section["batch_size"] != "auto":
         return int(section["batch_size"])
