@@ -82,15 +82,14 @@ def loader_workers(section: dict[str, Any], device: torch.device | Sequence[torc
     return min(8 * len(devices), resolve_n_jobs(n_jobs)) if devices[0].type == "cuda" else 0
 
 
-def batch_size(section: dict[str, Any], device: torch.device | Sequence[torch.device]) -> int:
-    """Images per forward pass: ``global_fea.batch_size``, or (auto) 32 on GPUs and 8 on CPU,
-    where a small batch keeps more of a layer's activations in cache: 3-10 % more images per
-    second than batches of 32 on 2 cores (ONNX Runtime; the same descriptors, bit for bit),
-    and a quarter of the activations per calling thread."""
-    devices = [device] if isinstance(device, torch.device) else list(device)
+def batch_size(section: dict[str, Any], device: torch.device) -> int:
+    """Images per forward pass on ``device``: ``global_fea.batch_size``, or (auto) 32 on a GPU
+    and 8 on CPU, where a small batch keeps more of a layer's activations in cache: 3-10 % more
+    images per second than batches of 32 on 2 cores (ONNX Runtime; the same descriptors, bit
+    for bit), and a quarter of the activations per calling thread."""
     if section["batch_size"] != "auto":
         return int(section["batch_size"])
-    return GPU_BATCH if devices[0].type == "cuda" else CPU_BATCH
+    return GPU_BATCH if device.type == "cuda" else CPU_BATCH
 
 
 def load_square(path: str, size: int, max_pixels: int) -> np.ndarray:
@@ -154,7 +153,7 @@ def describe_batches(
     if len(models) != len(devices):
         raise ValueError(f"{len(models)} model(s) for {len(devices)} device(s)")
     data = ImageFolderData(paths, section["image_size"], section["max_pixels"])
-    size = batch_size(section, devices)
+    size = batch_size(section, devices[0])
     jobs: Iterable[tuple[torch.Tensor, Sequence[str]] | range]
     if workers or len(devices) == 1:  # decoded by the loader (in its workers, if any)
         jobs = DataLoader(data, batch_size=size, num_workers=workers,

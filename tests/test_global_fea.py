@@ -235,7 +235,7 @@ def test_threads_calling_onnx_sessions_describe_as_one_caller(tmp_path: Path) ->
     # auto: batches of 8 on CPU (32 on GPUs) describe as batches of 2 do, bit for bit
     auto = {**section, "batch_size": "auto"}
     assert extract.batch_size(auto, cpu) == 8 and extract.batch_size(section, cpu) == 2
-    assert extract.batch_size(auto, [torch.device("cuda", 0)]) == 32
+    assert extract.batch_size(auto, torch.device("cuda", 0)) == 32
     ((desc8, mirror8, reasons8),) = extract.describe_batches(callers, paths, auto, True,
                                                              [cpu] * 3, 0)
     assert reasons8 == [r for _, _, rows in one for r in rows]
