@@ -6,7 +6,7 @@ images in the same run.
 
 Defaults to ../shared/devset. The overhead ratio compares one process with one process
 (``--n-jobs 1`` for the pipeline); the stage table then runs the pipeline's local branch with
-all cores (``pipeline run -o merge.branches=[local]``). Peak memory is the resident memory of
+all cores (``copydet run -o merge.branches=[local]``). Peak memory is the resident memory of
 the run's whole process tree.
 """
 
@@ -78,10 +78,10 @@ def main() -> None:
     verdict = "OK" if ratio <= OVERHEAD_LIMIT else "OVER"
     print(f"  ratio pipeline / bare        {ratio:7.3f}  (limit {OVERHEAD_LIMIT}: {verdict})\n")
 
-    print("Local branch with all cores (pipeline run)")
+    print("Local branch with all cores (copydet run)")
     full = work / "full"
     submission = full / "submission.csv"
-    result = run_module(["pipeline", "run", "--queries", str(args.queries), "--references",
+    result = run_module(["copydet", "run", "--queries", str(args.queries), "--references",
                          str(args.references), "--out", str(submission), "-o",
                          "merge.branches=[local]", "-o", "merge.method=max"], full)
     record = json.loads((full / "pipeline.json").read_text())

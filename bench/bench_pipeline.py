@@ -2,7 +2,7 @@
 
     python -m bench.bench_pipeline [--queries DIR] [--references DIR] [--work DIR] [-o K=V]
 
-Runs ``python -m pipeline run`` (every branch, the defaults) and prints each stage's wall time,
+Runs ``python -m copydet run`` (every branch, the defaults) and prints each stage's wall time,
 CPU time, throughput and peak memory (from the run record, ``pipeline.json``). Then the
 floor, with the same number of cores, over every image and view the run described:
 
@@ -60,8 +60,8 @@ def described(conf: dict) -> tuple[bool, bool, bool]:
     """Whether the branches of ``merge.branches`` describe images by SIFT, by the global
     network, and the queries' crops (so run the overlay detector)."""
     branches = pipeline.selected(conf["merge"]["branches"])
-    return (any(b.read is read_local for b in branches),
-            any(b.read is read_global for b in branches),
+    return (any(b.evidence.read is read_local for b in branches),
+            any(b.evidence.read is read_global for b in branches),
             any(b.run in (pipeline.run_crop_local, pipeline.run_crop_global) for b in branches))
 
 
@@ -203,7 +203,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_floor-") as scratch:
         before = input_floor(conf, queries, refs, n_jobs, Path(scratch) / "before")
     overrides = [x for o in args.override for x in ("-o", o)]
-    run = measure([sys.executable, "-m", "pipeline", "run", "--queries", str(args.queries),
+    run = measure([sys.executable, "-m", "copydet", "run", "--queries", str(args.queries),
                    "--references", str(args.references), "--work", str(work), *overrides],
                   cwd=REPO_ROOT)
     if run.returncode:

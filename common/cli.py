@@ -1,6 +1,6 @@
 """Command lines of the stages: each stage module declares one ``Command`` (its own argument
 group and how the parsed arguments call its ``main``); ``copydet <command>``
-(``pipeline.commands``) and ``python -m <stage module>`` both run it through ``run_command``,
+(``copydet.cli``) and ``python -m <stage module>`` both run it through ``run_command``,
 which holds the work folder's lock (``common.lock``) for the run and is the one place where a
 user error or a full disk becomes one line on stderr and exit code ``EXIT_USER_ERROR``.
 """

@@ -11,7 +11,7 @@ Layout of ``--out``:
 - ``queryimages/Q%05d.jpg``: positives (edited copies of references) and distractors (edited
   copies of photos that are not references), interleaved in a shuffled order;
 - ``gt.csv``: ``query_id,reference_id`` sorted by query id, empty reference for a distractor;
-- ``edits.csv``: ``query_id,edits`` with the ``common.edits`` chain label of every query;
+- ``edits.csv``: ``query_id,edits`` with the ``data.edits`` chain label of every query;
 - ``transforms.json``: query id -> 3x3 homography from the reference's pixel coordinates to the
   query's (positives only; pixel centres at integer coordinates, as in OpenCV).
 
@@ -36,14 +36,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from common import cli
-from common.edits import Edited, random_chain, small_copy_chain
-from common.images import ImageError, list_images, read_image, resize_long_side
-from common.io import atomic_path, clean_stale_tmp, write_csv, write_json
+from common.io import clean_stale_tmp, write_csv, write_json
+from data.edits import Edited, random_chain, small_copy_chain
+from data.photos import load_photo, readable_photos, save_jpeg
 
 log = logging.getLogger(__name__)
 
 REF_DIR, QUERY_DIR = "referenceimages", "queryimages"
-CHAINS = ("random", "small_copy")  # random_chain, or common.edits.small_copy_chain
+CHAINS = ("random", "small_copy")  # random_chain, or data.edits.small_copy_chain
 OUTPUTS = (REF_DIR, QUERY_DIR, "gt.csv", "edits.csv", "transforms.json")
 Source = Any  # what a builder makes an image from: a photo's path, or an image it made
 Query = tuple[int | None, Source]  # (number of the reference it copies, or None; source)
@@ -58,19 +58,6 @@ class Roles:
     backgrounds: tuple[Path, ...]
 
 
-def readable_photos(folder: str | Path) -> list[Path]:
-    """The decodable images under ``folder``; each unreadable one is logged and skipped."""
-    good = []
-    for path in list_images(folder).paths:
-        try:
-            read_image(path, "L", min_side=64)
-        except ImageError as err:
-            log.warning("skipped unreadable photo %s: %s", path, err)
-            continue
-        good.append(path)
-    return good
-
-
 def assign_roles(photos: Sequence[Path], n_refs: int, n_distractors: int, seed: int) -> Roles:
     """Draw references, distractor sources and backgrounds (disjoint) from ``photos``."""
     if n_refs + n_distractors > len(photos):
@@ -81,18 +68,6 @@ def assign_roles(photos: Sequence[Path], n_refs: int, n_distractors: int, seed: 
     order = [photos[i] for i in np.random.default_rng(seed).permutation(len(photos))]
     cut = n_refs + n_distractors
     return Roles(tuple(order[:n_refs]), tuple(order[n_refs:cut]), tuple(order[cut:]))
-
-
-def load_photo(path: Path, max_side: int) -> Image.Image:
-    """Decode ``path`` as RGB with its long side capped at ``max_side``."""
-    arr, _ = read_image(path, "RGB")
-    return Image.fromarray(resize_long_side(arr, max_side))
-
-
-def save_jpeg(img: Image.Image, path: Path, quality: int) -> None:
-    """Write ``img`` as a JPEG, atomically."""
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="JPEG", quality=quality)
 
 
 def clear_outputs(out: Path, force: bool) -> None:

@@ -41,16 +41,15 @@ import numpy as np
 from PIL import Image
 
 from common import cli
-from common.edits import Edited, random_chain
 from common.io import read_csv
+from data.edits import Edited, random_chain
 from data.make_benchmark import (
     Query,
     Source,
     clear_outputs,
-    load_photo,
-    readable_photos,
     write_benchmark,
 )
+from data.photos import load_photo, readable_photos
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 The speed benchmark needs more images than the photos we may use hold, so the pool is grown
 with mildly edited variants (crop, colour, scale, aspect, flip, JPEG) of the source photos, and
 a DISC21-style benchmark is drawn from that pool by ``data.make_benchmark``. The set built
-for the figures in README.md, from the project root::
+for the figures in docs/results.md, from the project root::
 
     python -m data.make_timing_set --photos ../shared/trainset/photos \\
         ../shared/devset/references ../shared/devset/queries --out /tmp/timing10k
@@ -26,9 +26,10 @@ from tqdm import tqdm
 
 from common import cli
 from common.config import digest
-from common.edits import random_chain
 from common.io import clean_stale_tmp
-from data.make_benchmark import load_photo, make_benchmark, readable_photos, save_jpeg
+from data.edits import random_chain
+from data.make_benchmark import make_benchmark
+from data.photos import load_photo, readable_photos, save_jpeg
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@
 
 - ``fit/``: what models are fitted on: the global descriptor's fine-tuning, its whitening
   and the bank of training descriptors that scores are normalised against;
-- ``calib/``: the photos the fusion is calibrated on (``merge.calibrate`` builds copy pairs
+- ``calib/``: the photos the fusion is calibrated on (``calibration.fusion`` builds copy pairs
   from them). They must be unseen by the global branch, or calibration would see a copy's
   source photo among the query's nearest training photos and learn wrong weights.
 

@@ -5,7 +5,7 @@
 
 Self-supervised contrastive learning as in SSCD (Pizzi et al., CVPR 2022): every step draws
 ``batch`` photos and makes two copies of each with strong DISC21-style edits
-(``common.edits.random_chain``: crops, pads, rotations, flips, overlays onto other photos,
+(``data.edits.random_chain``: crops, pads, rotations, flips, overlays onto other photos,
 text, emoji, colour, blur, JPEG, ...; with probability ``p_clean`` one copy is the photo
 itself, as a reference is). The two copies of a photo are positives, every other image of
 the batch a negative: InfoNCE over the 2B embeddings (temperature ``temperature``) plus
@@ -43,10 +43,10 @@ from torch.utils.data import DataLoader, Dataset
 from common import UserError
 from common.cli import report_errors
 from common.devices import torch_device
-from common.edits import random_chain
 from common.images import ImageError, list_images, read_image, resize_long_side
 from common.io import atomic_path, read_csv, write_csv
 from common.logs import setup_console
+from data.edits import random_chain
 from global_fea import weights
 from global_fea.extract import SPAWN
 from global_fea.model import GlobalDescriptor, ModelConf

@@ -1,6 +1,6 @@
 """The calibrated local score: a logistic model (``common.logistic``) over verification features.
 
-The model is fitted on copy pairs made from training photos (``match_score.calibrate``),
+The model is fitted on copy pairs made from training photos (``calibration.score``),
 never on a test set, and stored as JSON next to the code. Its output is the probability that
 a pair is a copy, a float comparable across queries; it does not tie in blocks the way raw
 inlier counts do.
@@ -21,6 +21,7 @@ FEATURES = ("log_inliers", "inlier_ratio", "dense_agree", "dense_evidence", "log
             "coverage")
 DENSE_FULL = 64  # informative cells at which photometric evidence counts fully
 READ = ("inliers", "matches", "dense_agree", "dense_cells", "coverage")  # verification fields
+FIT_HINT = "make calibrate (copydet calibrate --photos <training photos>)"
 
 
 def feature_matrix(rows: Sequence[Mapping[str, object]]) -> np.ndarray:
@@ -65,4 +66,4 @@ class ScoreModel(LogisticModel):
 
     @classmethod
     def load(cls, path: str | Path) -> ScoreModel:  # type: ignore[override]
-        return super().load(path, FEATURES, "python -m match_score.calibrate")
+        return super().load(path, FEATURES, FIT_HINT)

@@ -18,32 +18,18 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from common import UserError
+from merge.branches import BranchEvidence
 from merge.evidence import Evidence, Pair
 
 log = logging.getLogger(__name__)
-
-
-class BranchEvidence(Protocol):
-    """What the fusion needs of a branch (declared in ``pipeline``): its feature names, the
-    features of a pair it has no evidence for, how to read its pairs file and, if it can,
-    how to compute evidence for pairs it did not find (cheaply for all: ``fill_all``)."""
-
-    name: str
-    features: tuple[str, ...]
-    missing: tuple[float, ...]
-    scale: str  # what the branch's own scores are (compared by merge.method=max)
-    read: Callable[[dict[str, Any], Path], Evidence]
-    fill: Callable[[dict[str, Any], Path, list[Pair], Path, str], Evidence] | None
-    fill_all: bool
-    gap: bool
 
 
 def feature_names(branches: Sequence[BranchEvidence]) -> list[str]:

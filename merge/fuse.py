@@ -31,8 +31,9 @@ from common import UserError, cli
 from common.config import REPO_ROOT, output_name
 from common.io import write_csv
 from common.logs import start_run
+from merge.branches import BranchEvidence, selected
 from merge.evidence import Pair
-from merge.features import BranchEvidence, PairTable, feature_names, gather, read_branches
+from merge.features import PairTable, feature_names, gather, read_branches
 from merge.fusion import FusionModel
 
 STAGE = "merge"
@@ -146,9 +147,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def call(conf: dict[str, Any], args: argparse.Namespace) -> Path:
-    import pipeline  # the branch declarations (pipeline imports this module)
-
-    return main(conf, pipeline.selected(conf["merge"]["branches"]),
+    return main(conf, selected(conf["merge"]["branches"]),
                 parse_pair_files(args.pairs), args.work, args.out, args.drop_self_pairs)
 
 

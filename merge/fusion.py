@@ -1,6 +1,6 @@
 """The calibrated fusion score: a logistic model over the branches' features of a pair.
 
-Fitted by ``merge.calibrate`` on copy pairs made from training photos (never on a test
+Fitted by ``calibration.fusion`` on copy pairs made from training photos (never on a test
 set), stored as JSON (``merge.fusion_model``), applied deterministically. Its inputs are the
 features ``merge.features.gather`` collects, in the order of ``merge.branches``; a model
 fitted with other branches than the configured ones is refused with the command to refit.

@@ -14,8 +14,8 @@ queries, references ─► global_fea.extract ─► descriptors.h5 ─► globa
                                      └─► submission.csv (+ submission.features.csv)
 ```
 
-A branch is declared once, in ``BRANCHES``: how it runs (its stages) and how the fusion
-reads its pairs and fills in its evidence for pairs it did not find. ``run`` runs the
+A branch is declared once, in ``BRANCHES``: how it runs (its stages) and the fusion's view
+of it (``merge.branches``: how its pairs are read and its evidence filled in). ``run`` runs the
 branches of ``merge.branches`` and the fusion, and records in ``<work>/pipeline.json`` what
 every stage returned and how long it took. Every stage skips what it has already done, so
 running again resumes.
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import UserError, cli
+from common import cli
 from common.images import ImageSet, input_images
 from common.io import write_json
 from common.lock import work_lock
@@ -40,17 +40,9 @@ from global_fea import search as global_search
 from local_fea import extract, search
 from local_fea.index import concrete_index
 from match_score import verify
+from merge import branches as fusion_branches
 from merge import fuse
-from merge.evidence import (
-    GLOBAL_MISSING,
-    LOGIT_FLOOR,
-    Evidence,
-    Pair,
-    fill_global,
-    fill_local,
-    read_global,
-    read_local,
-)
+from merge.branches import BranchEvidence
 from preprocess import detect
 
 RECORD = "pipeline.json"
@@ -122,43 +114,26 @@ def run_crop_global(conf: dict[str, Any], queries: ImageSet, references: ImageSe
     return {**run_global(conf, crops, references, work, record), "boxes": boxes}
 
 
-PROBABILITY, SIMILARITY = "probability", "similarity"
-
-
 @dataclass(frozen=True)
 class Branch:
-    """A branch: its stages, and its evidence as the fusion reads and fills it."""
+    """A branch: how it runs (its stages), and the fusion's view of it (``merge.branches``)."""
 
-    name: str
+    evidence: BranchEvidence
     run: Callable[[dict[str, Any], ImageSet, ImageSet, Path, Record], Outputs]
-    features: tuple[str, ...]  # fusion features of a pair, in this order
-    missing: tuple[float, ...]  # the features of a pair the branch has no evidence for
-    scale: str  # what its own scores are (merge.method=max compares only one scale)
-    read: Callable[[dict[str, Any], Path], Evidence]
-    fill: Callable[[dict[str, Any], Path, list[Pair], Path, str], Evidence] | None = None
-    fill_all: bool = False  # fill every candidate (cheap), not only the top-ranked ones
-    gap: bool = False  # also its first feature's gap to the best pair of the same query
+
+    @property
+    def name(self) -> str:
+        return self.evidence.name
 
 
-BRANCHES = {branch.name: branch for branch in [
-    Branch("local", run_local, ("local_logit",), (LOGIT_FLOOR,), PROBABILITY, read_local,
-           fill_local, gap=True),
-    Branch("global", run_global, ("global_sim", "global_norm"), GLOBAL_MISSING, SIMILARITY,
-           read_global, fill_global, fill_all=True),
-    Branch("crop_local", run_crop_local, ("crop_local_logit",), (LOGIT_FLOOR,), PROBABILITY,
-           read_local, fill_local),
-    Branch("crop_global", run_crop_global, ("crop_global_sim", "crop_global_norm"),
-           GLOBAL_MISSING, SIMILARITY, read_global, fill_global, fill_all=True),
-]}
+RUNS = {"local": run_local, "global": run_global, "crop_local": run_crop_local,
+        "crop_global": run_crop_global}
+BRANCHES = {name: Branch(fusion_branches.BRANCHES[name], run) for name, run in RUNS.items()}
 
 
 def selected(names: Sequence[str]) -> list[Branch]:
-    """The declared branches of ``names`` (``merge.branches``), in that order."""
-    unknown = [n for n in names if n not in BRANCHES]
-    if unknown:
-        raise UserError(f"merge.branches: unknown branch(es) {unknown} (known: "
-                        f"{sorted(BRANCHES)})")
-    return [BRANCHES[n] for n in names]
+    """The branches of ``names`` (``merge.branches``), in that order."""
+    return [BRANCHES[b.name] for b in fusion_branches.selected(names)]
 
 
 def run_branches(conf: dict[str, Any], queries: ImageSet, references: ImageSet, work: Path,
@@ -183,15 +158,16 @@ def _run(conf: dict[str, Any], query_set: ImageSet, reference_set: ImageSet, wor
     """``run`` on two listed image sets, the work folder held."""
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     # settings that are wrong only together: stop before any work
+    fusion = fusion_branches.selected(conf["merge"]["branches"])
     if conf["merge"]["method"] == "fusion":  # a model fitted for other branches
-        fuse.fusion_model(conf, selected(conf["merge"]["branches"]))
+        fuse.fusion_model(conf, fusion)
     concrete_index(conf["local_search"], len(reference_set))  # nprobe auto, an unknown index
     record = Record()
     outputs = run_branches(conf, query_set, reference_set, work, record)
     pair_files = {name: o["pairs"] for name, o in outputs.items()}
     same_set = query_set.root.resolve() == reference_set.root.resolve()
-    submission = record("merge.fuse", "", fuse.main, conf,
-                        selected(conf["merge"]["branches"]), pair_files, work, out, same_set)
+    submission = record("merge.fuse", "", fuse.main, conf, fusion, pair_files, work, out,
+                        same_set)
     write_json(work / RECORD, {
         "queries": str(query_set.root.resolve()),
         "references": str(reference_set.root.resolve()),

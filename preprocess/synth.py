@@ -7,10 +7,10 @@ A sample takes a "copy" photo, sometimes edits it (crop, rotation, flip, colour,
 puts it somewhere — pasted at a random scale and place onto another photo, sometimes partly
 outside it (``paste``), inside borders (``pad``), inside an app-like frame (``screenshot``),
 under or over a caption band (``meme``), small (25-60 % of the side) with a frame and
-overlays on top (``small_copy``: ``common.edits.small_copy_chain``, as real small copies
+overlays on top (``small_copy``: ``data.edits.small_copy_chain``, as real small copies
 look) — and then edits the whole picture (text, emoji, colour, blur, JPEG, noise, stripes,
 opacity, patches, scaling...). The label is the box of the pasted copy, computed exactly from
-the edits' transforms (``common.edits``). ``negative`` samples are photos with the same kinds
+the edits' transforms (``data.edits``). ``negative`` samples are photos with the same kinds
 of edits but nothing pasted: an empty label, so that the detector learns to stay silent.
 
 Photos are split by photo into train / val / test: a test photo never appears in training, not
@@ -40,7 +40,10 @@ from PIL import Image
 
 from common import cli
 from common.config import digest
-from common.edits import (
+from common.io import clean_stale_tmp, read_csv, write_csv, write_text
+from common.logs import start_run
+from common.parallel import parallel_map
+from data.edits import (
     Edited,
     map_points,
     meme,
@@ -51,10 +54,7 @@ from common.edits import (
     small_copy_chain,
     then,
 )
-from common.io import clean_stale_tmp, read_csv, write_csv, write_text
-from common.logs import start_run
-from common.parallel import parallel_map
-from data.make_benchmark import load_photo, readable_photos, save_jpeg
+from data.photos import load_photo, readable_photos, save_jpeg
 
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)

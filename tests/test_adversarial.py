@@ -68,7 +68,7 @@ def one_line_error(done: subprocess.CompletedProcess) -> str:
 
 
 def submission_scores(done: subprocess.CompletedProcess) -> dict[tuple[str, str], float]:
-    """The pairs of the submission a ``pipeline run`` printed, with their scores."""
+    """The pairs of the submission a ``copydet run`` printed, with their scores."""
     with open(done.stdout.strip().splitlines()[-1]) as f:
         return {(r["query_id"], r["reference_id"]): float(r["score"]) for r in csv.DictReader(f)}
 
@@ -101,7 +101,7 @@ def test_an_image_folder_is_read_as_images_only(tmp_path: Path) -> None:
         "set": "r", "source": str(refs), "shard_size": 128, "shards": [["R000019"]],
         "paths": {"R000019": "R000019.jpg"}}))
     work = tmp_path / "work"
-    done = command("pipeline", "run", "--queries", queries, "--references", refs,
+    done = command("copydet", "run", "--queries", queries, "--references", refs,
                    "--work", work, "-o", "run.n_jobs=2")
     assert done.returncode == 0, done.stderr[-3000:]
     assert not marker.exists()
@@ -181,7 +181,7 @@ def test_one_run_per_work_folder_and_a_killed_holder_never_blocks(photos: Path,
     work = tmp_path / "work"
     holder = hold_lock(work)
     try:
-        line = one_line_error(command("pipeline", "run", "--queries", photos, "--references",
+        line = one_line_error(command("copydet", "run", "--queries", photos, "--references",
                                       photos, "--work", work, *LOCAL_MAX))
         assert f"work folder {work} is in use by pid {holder.pid} on " in line
         assert "(run: " in line and "started 20" in line
@@ -232,7 +232,7 @@ def test_queries_equal_to_references_find_copies_among_the_other_images(tmp_path
     """One folder as both sets: Q00031 is an edited copy of R000011, Q00016 of R000019."""
     images = demo_folder(tmp_path / "images", ["R000011", "Q00031", "R000019", "Q00016",
                                                "R000000", "R000001"])
-    done = command("pipeline", "run", "--queries", images, "--references", images,
+    done = command("copydet", "run", "--queries", images, "--references", images,
                    "--work", tmp_path / "work", *LOCAL_MAX)
     assert done.returncode == 0, done.stderr[-3000:]
     scores = submission_scores(done)
@@ -364,7 +364,7 @@ def test_an_empty_folder_is_one_line_before_any_work(photos: Path, tmp_path: Pat
     (empty / "notes.txt").write_text("no images here")
     folders = {"queries": photos, "references": photos, empty_role: empty}
     work = tmp_path / "work"
-    line = one_line_error(command("pipeline", "run", "--queries", folders["queries"],
+    line = one_line_error(command("copydet", "run", "--queries", folders["queries"],
                                   "--references", folders["references"], "--work", work))
     assert line.startswith(f"error: {empty} holds no images")
     assert not [p for p in work.iterdir() if p.name != ".lock"]

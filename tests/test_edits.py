@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from common import edits
-from common.edits import (
+from data import edits
+from data.edits import (
     EDITS,
     GEOMETRIC,
     Edited,
@@ -251,7 +251,7 @@ def test_random_chain_labels_join_with_plus_and_respect_kinds(img, backgrounds):
 def test_unreadable_background_falls_back_with_a_log_line(img, tmp_path, caplog):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8 not really a jpeg")
-    with caplog.at_level(logging.WARNING, logger="common.edits"):
+    with caplog.at_level(logging.WARNING, logger="data.edits"):
         out = edits.onto_bg(img, np.random.default_rng(0), backgrounds=[bad])
     assert out.label.startswith("onto_bg") and max(out.image.size) >= max(img.size)
     assert "broken.jpg" in caplog.text

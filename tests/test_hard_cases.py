@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from common.config import REPO_ROOT, load_config
-from common.edits import apply_edit, onto_bg, random_chain, small_copy_chain, then
 from common.io import read_csv, write_csv
+from data.edits import apply_edit, onto_bg, random_chain, small_copy_chain, then
 from data.make_benchmark import make_benchmark
 from data.make_lookalike import made_pair, make_lookalike, read_groups
 from data.mine_lookalikes import groups_of
@@ -165,7 +165,7 @@ def test_small_pasted_copies_are_found_end_to_end(tmp_path: Path) -> None:
     """Four references pasted at 35-45 % of another photo's side, under text and JPEG, among
     20 references; four distractors made the same way from photos that are not references.
     (Demo reference 1, a night photo, is left out: at that size it keeps too few keypoints
-    and the detector misses it; README, Look-alikes and small copies.)"""
+    and the detector misses it; docs/results.md, Look-alike and small-copy sets.)"""
     photos = demo_references()
     refs, queries = tmp_path / "refs", tmp_path / "queries"
     refs.mkdir()
@@ -188,7 +188,7 @@ def test_small_pasted_copies_are_found_end_to_end(tmp_path: Path) -> None:
 
 
 def test_stripes_and_opacity_on_tiny_images() -> None:
-    from common.edits import opacity, stripes
+    from data.edits import opacity, stripes
 
     for size in ((3, 3), (5, 40), (40, 5)):
         img = Image.new("RGB", size, (120, 130, 140))

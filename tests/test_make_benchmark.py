@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from common.io import read_csv
-from data.make_benchmark import assign_roles, main, make_benchmark, readable_photos
+from data.make_benchmark import assign_roles, main, make_benchmark
+from data.photos import readable_photos
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTO_DIRS = (ROOT / "data" / "referenceimages", ROOT.parent / "shared" / "cc0_photos")

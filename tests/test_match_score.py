@@ -55,7 +55,7 @@ def test_missing_or_stale_model_is_a_user_error(tmp_path: Path) -> None:
         ScoreModel.load(tmp_path / "none.json")
     (tmp_path / "old.json").write_text(
         '{"features": ["inliers"], "mean": [0], "scale": [1], "coef": [1], "intercept": 0}')
-    with pytest.raises(UserError, match="refit with `python -m match_score"):
+    with pytest.raises(UserError, match="refit with `make calibrate"):
         ScoreModel.load(tmp_path / "old.json")
 
 
@@ -134,7 +134,7 @@ def test_visualize_draws_a_verified_pair(tmp_path: Path) -> None:
 def test_calibration_verifies_without_a_score_model(tmp_path: Path) -> None:
     """Fitting a new score model must not need one (the missing model's error named the very
     command that was failing)."""
-    from match_score import calibrate
+    from calibration import score as calibrate
 
     conf = load_config(overrides=[f"match_score.score_model={tmp_path / 'none.json'}"])
     rows = calibrate.run_local_branch(conf, DATA, tmp_path / "work")

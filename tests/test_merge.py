@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import pipeline
 from common import UserError
 from common.config import load_config
-from merge import evidence, fuse
+from merge import branches, evidence, fuse
+from merge.branches import BranchEvidence
 from merge.evidence import LOGIT_FLOOR, Evidence
 from merge.features import gather, top_ranked
 from merge.fusion import FusionModel
@@ -21,7 +21,7 @@ from tests.conftest import python
 
 
 def _fake(name: str, found: dict, features: tuple[str, ...], fill_all: bool, calls: list,
-          scale: str = pipeline.PROBABILITY) -> pipeline.Branch:
+          scale: str = branches.PROBABILITY) -> BranchEvidence:
     def read(conf, path):
         return Evidence({p: np.array(v) for p, (v, _) in found.items()},
                         {p: s for p, (_, s) in found.items()})
@@ -30,8 +30,8 @@ def _fake(name: str, found: dict, features: tuple[str, ...], fill_all: bool, cal
         calls.append((branch_name, sorted(pairs)))
         return Evidence({p: np.full(len(features), 0.5) for p in pairs})
 
-    return pipeline.Branch(name, pipeline.run_local, features, tuple(-1.0 for _ in features),
-                           scale, read, fill, fill_all)
+    return BranchEvidence(name, features, tuple(-1.0 for _ in features), scale, read, fill,
+                          fill_all)
 
 
 def test_gather_unions_pairs_and_fills_missing_evidence(tmp_path: Path) -> None:
@@ -107,7 +107,7 @@ def test_local_gap_tells_a_copy_from_its_look_alikes_among_a_query_s_pairs() -> 
     pairs = [("q1", "r1"), ("q1", "r2"), ("q2", "r1"), ("q2", "r3")]
     gaps = query_gaps(pairs, np.array([6.0, 1.0, -12.0, -3.0]))
     np.testing.assert_array_equal(gaps, [0.0, -5.0, -9.0, 0.0])
-    names = feature_names(pipeline.selected(["local", "global", "crop_global"]))
+    names = feature_names(branches.selected(["local", "global", "crop_global"]))
     assert names == ["local_logit", "local_logit_gap", "global_sim", "global_norm",
                      "crop_global_sim", "crop_global_norm"]
 
@@ -138,7 +138,7 @@ def test_fuse_max_method_from_given_pair_files(tmp_path: Path) -> None:
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "error: --pairs 'global' is not of the form NAME=FILE (e.g. global=...)"]
     with pytest.raises(UserError, match="unknown branch"):
-        pipeline.selected(["global", "nonesuch"])
+        branches.selected(["global", "nonesuch"])
 
 
 def test_max_method_refuses_scores_of_different_scales(tmp_path: Path) -> None:
@@ -148,7 +148,7 @@ def test_max_method_refuses_scores_of_different_scales(tmp_path: Path) -> None:
     calls: list = []
     local = _fake("local", {("q1", "r1"): ([3.0], 0.9)}, ("l",), False, calls)
     glob = _fake("global", {("q1", "r2"): ([0.7, 0.2], 0.2)}, ("s", "n"), True, calls,
-                 scale=pipeline.SIMILARITY)
+                 scale=branches.SIMILARITY)
     files = {"local": tmp_path, "global": tmp_path, "crop_local": tmp_path}
     with pytest.raises(UserError, match="different scales"):
         fuse.main(conf, [local, glob], files, tmp_path / "work")
@@ -156,8 +156,8 @@ def test_max_method_refuses_scores_of_different_scales(tmp_path: Path) -> None:
     out = fuse.main(conf, [local, crop], files, tmp_path / "work", tmp_path / "sub.csv")
     assert out.read_text().splitlines() == ["query_id,reference_id,score", "q1,r3,0.95",
                                             "q1,r1,0.9"]
-    assert pipeline.BRANCHES["local"].scale == pipeline.BRANCHES["crop_local"].scale
-    assert pipeline.BRANCHES["global"].scale != pipeline.BRANCHES["local"].scale
+    assert branches.BRANCHES["local"].scale == branches.BRANCHES["crop_local"].scale
+    assert branches.BRANCHES["global"].scale != branches.BRANCHES["local"].scale
 
 
 def test_submission_is_best_first_tie_broken_by_ids_and_capped() -> None:

@@ -20,8 +20,8 @@ from tests.conftest import DATA, DEVSET, offline_env, python
 
 def run_pipeline(query: Path, ref: Path, work: Path, out: Path, *opts: str,
                  env: dict | None = None) -> Path:
-    """``python -m pipeline run`` (what ``make all`` runs); return the submission it printed."""
-    cmd = [python(), "-m", "pipeline", "run", "--queries", str(query), "--references", str(ref),
+    """``python -m copydet run`` (what ``make all`` runs); return the submission it printed."""
+    cmd = [python(), "-m", "copydet", "run", "--queries", str(query), "--references", str(ref),
            "--work", str(work), "--out", str(out), *opts]
     done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, check=True, capture_output=True,
                           text=True)
@@ -147,12 +147,13 @@ def test_crop_global_branch_is_read_by_the_fusion(tmp_path: Path) -> None:
     """With ``crop_global`` in ``merge.branches``, the detector's global crops get descriptors
     and a search of their own, and the fusion reads their similarities: a query with a crop
     has its own crop similarity for its pairs, a query without one the missing value."""
+    from merge.branches import selected
     from merge.evidence import GLOBAL_MISSING
     from merge.features import feature_names
     from merge.fusion import FusionModel
 
     branches = ["local", "global", "crop_local", "crop_global"]
-    names = feature_names(pipeline.selected(branches))
+    names = feature_names(selected(branches))
     n = len(names)
     model = FusionModel(names, [0.0] * n, [1.0] * n, [1.0] * n, 0.0, "test")
     out = run_pipeline(DATA / "queryimages", DATA / "referenceimages", tmp_path / "work",

@@ -14,10 +14,11 @@ from PIL import Image
 
 import pipeline
 from common import UserError
-from common.edits import map_points, random_chain
 from common.images import list_images
 from common.io import read_csv
+from data.edits import map_points, random_chain
 from merge import fuse
+from merge.branches import selected
 from merge.evidence import LOGIT_FLOOR
 from merge.features import gather
 from preprocess import detect, synth
@@ -237,7 +238,7 @@ def test_crop_local_branch_scores_crops_under_original_ids_and_merge_fuses_it(
     query_set, ref_set = list_images(queries), list_images(DATA / "referenceimages")
     local = pipeline.run_local(conf, query_set, ref_set, work, pipeline.Record())
     conf["merge"].update(method="max", branches=["local", "crop_local"])
-    branches = pipeline.selected(conf["merge"]["branches"])
+    branches = selected(conf["merge"]["branches"])
     with pytest.raises(UserError, match="no pairs of the crop_local branch"):
         fuse.main(conf, branches, {"local": local["pairs"]}, work)  # the detector has not run
 

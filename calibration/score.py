@@ -84,7 +84,7 @@ def main(conf: dict[str, Any], photos: str | Path, work_dir: str | Path,
     work_dir = Path(work_dir)
     parts = [(run_local_branch(conf, bench, work_dir), bench) for bench in
              benchmarks(photos, work_dir)]
-    run = start_run(work_dir, "match_score.calibrate")
+    run = start_run(work_dir, "calibration.score")
     with run:
         keep, labels = [], []
         for rows, bench in parts:
@@ -109,4 +109,4 @@ COMMAND = cli.Command(
     lambda conf, a: main(conf, a.photos, a.work, a.out))
 
 if __name__ == "__main__":
-    cli.run_module("match_score.calibrate")
+    cli.run_module("calibration.score")

@@ -30,6 +30,7 @@ from common.logs import start_run
 from data.make_benchmark import QUERY_DIR, REF_DIR, built_once, make_benchmark
 from data.make_lookalike import make_lookalike
 from data.split import split_photos
+from merge.branches import selected
 from merge.features import PairTable, gather
 from merge.fusion import FusionModel
 
@@ -54,8 +55,8 @@ def benchmark_table(conf: dict[str, Any], bench: Path, work_dir: Path) -> PairTa
     """Run every configured branch on a benchmark and gather the fusion's candidate table."""
     outputs = pipeline.run_branches(conf, list_images(bench / QUERY_DIR),
                                     list_images(bench / REF_DIR), work_dir)
-    branches = pipeline.selected(conf["merge"]["branches"])
-    return gather(conf, branches, {n: o["pairs"] for n, o in outputs.items()},
+    pair_files = {n: o["pairs"] for n, o in outputs.items()}
+    return gather(conf, selected(conf["merge"]["branches"]), pair_files,
                   work_dir / "calibration" / "fusion" / bench.name)
 
 
@@ -70,7 +71,7 @@ def main(conf: dict[str, Any], photos: str | Path, work_dir: str | Path,
     work_dir = Path(work_dir)
     tables = [(benchmark_table(conf, bench, work_dir), bench)
               for bench in benchmarks(photos, work_dir)]
-    run = start_run(work_dir, "merge.calibrate")
+    run = start_run(work_dir, "calibration.fusion")
     with run:
         x = np.vstack([t.x for t, _ in tables])
         labels = np.concatenate([labels_of(t, bench / "gt.csv") for t, bench in tables])
@@ -90,4 +91,4 @@ COMMAND = cli.Command(
     lambda conf, a: main(conf, a.photos, a.work, a.out))
 
 if __name__ == "__main__":
-    cli.run_module("merge.calibrate")
+    cli.run_module("calibration.fusion")

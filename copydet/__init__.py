@@ -1,0 +1,1 @@
+"""The ``copydet`` command line (``copydet.cli``): the top of the package."""
