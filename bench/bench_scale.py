@@ -215,7 +215,7 @@ def stage_costs(spec: dict[str, Any]) -> dict[str, Any]:
     from common.images import list_images
     from common.shards import ShardTask
     from local_fea.extract import extract_shard
-    from match_score.verify import candidate_pairs, verify_chunk
+    from match_score.verify import ChunkVerifier, candidate_pairs
 
     conf = load_config()
     out = Path(spec["tmp"])
@@ -231,8 +231,8 @@ def stage_costs(spec: dict[str, Any]) -> dict[str, Any]:
         result[f"{name}_s_per_image"] = (time.perf_counter() - start) / n
     pairs = candidate_pairs(Path(spec["candidates"]))[:spec["pairs"]]
     start = time.perf_counter()
-    verify_chunk((0, pairs), spec["queries"], spec["refs"], conf["match_score"],
-                 conf["local_fea"]["short_side"], out)
+    ChunkVerifier(spec["queries"], spec["refs"], conf["match_score"],
+                  conf["local_fea"]["short_side"], out)([(0, pairs)])
     result["verify_s_per_pair"] = (time.perf_counter() - start) / len(pairs)
     for name, root in (("reference", spec["refs"]), ("query", spec["queries"])):
         store = ShardStore(root)

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,6 +45,20 @@ def resolve_n_jobs(n_jobs: int | None) -> int:
     if not n_jobs or n_jobs < 0:
         return max(1, cores + 1 + (n_jobs or -1))
     return n_jobs
+
+
+def workers(n_jobs: int | None) -> int:
+    """How many tasks the enclosing execution runs at once: the Dask cluster's threads, or
+    ``n_jobs`` local processes."""
+    client = dask_client()
+    return sum(client.nthreads().values()) if client is not None else resolve_n_jobs(n_jobs)
+
+
+def spread(items: Sequence[T], n: int) -> list[list[T]]:
+    """``items`` in at most ``n`` consecutive, non-empty groups of near-equal size."""
+    n = max(1, min(n, len(items)))
+    edges = [round(i * len(items) / n) for i in range(n + 1)]
+    return [list(items[a:b]) for a, b in itertools.pairwise(edges) if b > a]
 
 
 def limit_threads() -> None:

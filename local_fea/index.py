@@ -17,7 +17,6 @@ one block is loaded once and kept.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import re
 import threading
@@ -45,7 +44,7 @@ AUTO = "auto"
 # and searching up to ~10^4 references); more lists make the searched lists shorter (what
 # dominates at scale: IVF1024 at nprobe 8 scans twice the codes of IVF4096 at 16).
 AUTO_INDEXES = (("IVF1024,PQ64x4fs", 8), ("IVF4096,PQ64x4fs", 16))
-AUTO_SMALL_MAX_REFS = 15_000  # break-even estimated from measured costs (README "Speed")
+AUTO_SMALL_MAX_REFS = 15_000  # break-even estimated from measured costs (docs/architecture.md)
 
 
 def encode_ids(image_number: int, n: int) -> np.ndarray:
@@ -219,25 +218,12 @@ def set_nprobe(index: faiss.Index, nprobe: int) -> None:
         faiss.extract_index_ivf(index).nprobe = nprobe
 
 
-_LOAD_LOCK = threading.Lock()
-
-
-@functools.lru_cache(maxsize=1)
-def _read_index(path: str) -> faiss.Index:
-    return faiss.read_index(path)
-
-
 def load_index(path: str | Path, nprobe: int) -> faiss.Index:
-    """A populated index file, read once per process (threads share it: searches only read)."""
-    with _LOAD_LOCK:
-        index = _read_index(str(path))
-        set_nprobe(index, nprobe)
+    """A populated index file, to search with ``nprobe`` lists (threads may share it:
+    searches only read)."""
+    index = faiss.read_index(str(path))
+    set_nprobe(index, nprobe)
     return index
-
-
-def release_index() -> None:
-    """Drop the index read by ``load_index`` (its memory returns once searchers drop it)."""
-    _read_index.cache_clear()
 
 
 def removed_ids(store: ShardStore) -> np.ndarray:

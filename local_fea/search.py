@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,6 @@ from local_fea.index import (
     concrete_index,
     decode_images,
     load_index,
-    release_index,
     removed_ids,
     trained_index_path,
     use_gpu,
@@ -126,42 +124,31 @@ def search_shard(
     return len(rows)
 
 
-_SEARCHER_LOCK = threading.Lock()
-
-
-@functools.lru_cache(maxsize=1)
-def _searcher(references: str, revision: str, index_path: str | None, k: int, nprobe: int,
-              gpu: bool, max_rows: int, query_batch: int):
-    """A function descriptors -> (squared distances, ids), built once per process."""
-    store = ShardStore(references)
+def open_searcher(conf: dict[str, Any], references: ShardStore, index_path: Path | None):
+    """A function descriptors -> (squared distances, ids) over ``references``: the populated
+    index at ``index_path``, or exact search (None). The caller holds it while it searches;
+    dropping it frees the index or the resident references (host or GPU memory)."""
     if index_path is None:
-        return ExactSearch(store, k, gpu, max_rows, query_batch)
-    return IndexSearch(load_index(index_path, nprobe), k, nprobe, removed_ids(store),
-                       query_batch)
+        gpu = use_gpu(conf)
+        return ExactSearch(references, conf["k"], gpu, block_rows(conf, gpu),
+                           conf["query_batch"])
+    return IndexSearch(load_index(index_path, conf["nprobe"]), conf["k"], conf["nprobe"],
+                       removed_ids(references), conf["query_batch"])
 
 
-@functools.lru_cache(maxsize=4)
-def _store(root: str, revision: str) -> ShardStore:
-    return ShardStore(root)
+def search_part(k: int, conf: dict[str, Any], queries: str, references: str, revision: str,
+                index_path: str | None, parts: str, shared: str) -> int:
+    """A task on a Dask worker: search query shard ``k`` and write its part; return its
+    number of rows. The worker's threads share one reference store and searcher (read once
+    per worker, dropped when the stage ends: ``common.dask_resources``, block ``shared``)."""
+    from common.dask_resources import worker_resource
 
-
-def make_searcher(conf: dict[str, Any], references: ShardStore, index_path: Path | None):
-    """The searcher of ``references`` for the configured index (``index_path``: the populated
-    index file, None for exact search)."""
-    gpu = use_gpu(conf)
-    with _SEARCHER_LOCK:
-        return _searcher(str(references.root), references.revision,
-                         None if index_path is None else str(index_path), conf["k"],
-                         conf["nprobe"], gpu, block_rows(conf, gpu), conf["query_batch"])
-
-
-def search_part(k: int, conf: dict[str, Any], queries: str, query_revision: str,
-                references: str, revision: str, index_path: str | None, threads: int,
-                parts: str) -> int:
-    """One task: search query shard ``k`` and write its part; return its number of rows."""
-    faiss.omp_set_num_threads(threads)
-    query_store, ref_store = _store(queries, query_revision), _store(references, revision)
-    searcher = make_searcher(conf, ref_store, None if index_path is None else Path(index_path))
+    faiss.omp_set_num_threads(1)
+    index = None if index_path is None else Path(index_path)
+    ref_store, searcher = worker_resource(
+        shared, (references, revision, index_path, digest(conf)),
+        lambda: (store := ShardStore(references), open_searcher(conf, store, index)))
+    query_store = ShardStore(queries)
     out = part_path(Path(parts), k, query_store, ref_store)
     return search_shard(k, query_store, ref_store, searcher, conf, out)
 
@@ -214,23 +201,23 @@ def main(conf: dict[str, Any], queries: Path, references: Path, work_dir: str | 
         if todo and sconf["index"] != EXACT and not gpu:
             index_path = ReferenceIndex(index_folder(conf, ref_store.root, work_dir), sconf,
                                         ref_store.root.parent.name).update(ref_store)
-        on_dask = dask_client() is not None
-        task = functools.partial(
-            search_part, conf=sconf, queries=str(query_store.root),
-            query_revision=query_store.revision, references=str(ref_store.root),
-            revision=ref_store.revision,
-            index_path=None if index_path is None else str(index_path),
-            threads=1 if on_dask and not gpu else threads, parts=str(out / "parts"))
-        try:
-            if gpu:  # every GPU of this node holds a share of the references: search here
-                for k in tqdm(todo, desc="local search (GPU)", unit="shard"):
-                    task(k)
-            else:  # here with Faiss threads, or one task per Dask worker thread
-                for _ in parallel_map(task, todo, n_jobs=1, desc="local search", unit="shard"):
+        client = dask_client()
+        if client is None or gpu:  # here, with Faiss threads or on every GPU of this node
+            searcher = open_searcher(sconf, ref_store, index_path) if todo else None
+            for k in tqdm(todo, desc="local search" + " (GPU)" * gpu, unit="shard"):
+                search_shard(k, query_store, ref_store, searcher, sconf, parts[k])
+            del searcher
+        else:  # one task per query shard, spread over the Dask workers' threads
+            from common.dask_resources import shared_on_workers
+
+            with shared_on_workers(client) as shared:
+                task = functools.partial(
+                    search_part, conf=sconf, queries=str(query_store.root),
+                    references=str(ref_store.root), revision=ref_store.revision,
+                    index_path=None if index_path is None else str(index_path),
+                    parts=str(out / "parts"), shared=shared)
+                for _ in parallel_map(task, todo, desc="local search", unit="shard"):
                     pass
-        finally:  # free the index or the resident references (host or GPU memory)
-            _searcher.cache_clear()
-            release_index()
         for stale in set((out / "parts").glob("part_*.csv")) - set(parts):
             stale.unlink()
         rows = [[r[c] for c in COLUMNS] for p in parts for r in read_csv(p)]

@@ -13,7 +13,7 @@ verifies more pairs with them).
 from __future__ import annotations
 
 import argparse
-import functools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,7 @@ from common import UserError, cli
 from common.config import REPO_ROOT, digest, output_name
 from common.io import read_csv, write_csv, write_inputs
 from common.logs import start_run
-from common.parallel import limit_threads, parallel_map
-from common.shards import ShardStore
+from common.parallel import limit_threads, parallel_map, spread, workers
 from local_fea.features import LocalFeatures
 from match_score.geometry import FIELDS, Verification, verify
 from match_score.score import ScoreModel
@@ -30,6 +29,8 @@ from match_score.score import ScoreModel
 STAGE = "match_score"
 PAIR_COLUMNS = ["query_id", "reference_id", "view", "votes", *FIELDS]
 NOT_IN_NAME = ("score_model",)
+Pairs = list[tuple[str, str, str, str]]  # (query_id, reference_id, view, votes)
+TASKS_PER_WORKER = 4  # tasks per worker: a balanced load, and stores opened a few times
 
 
 def match_root(conf: dict[str, Any], search_name: str, work_dir: str | Path) -> Path:
@@ -37,41 +38,36 @@ def match_root(conf: dict[str, Any], search_name: str, work_dir: str | Path) -> 
     return Path(work_dir) / STAGE / output_name(section, search_name)
 
 
-@functools.lru_cache(maxsize=8)
-def _features(root: str, revision: str) -> LocalFeatures:
-    """A store's features, cached per process and per revision: a store that gained or
-    lost images since (a long-lived worker verifying again) is read afresh."""
-    return LocalFeatures(root)
-
-
-def features_of(root: str | Path, revision: str | None = None) -> LocalFeatures:
-    """The features of the store at ``root``; give its ``revision`` when known (reading the
-    manifest of a million references for it, chunk after chunk, is not free)."""
-    return _features(str(root), revision or ShardStore(root).revision)
-
-
-def candidate_pairs(candidates: Path | list[dict[str, str]]) -> list[tuple[str, str, str, str]]:
+def candidate_pairs(candidates: Path | list[dict[str, str]]) -> Pairs:
     """(query_id, reference_id, view, votes) to verify, sorted, one per proposing view."""
     rows = read_csv(candidates) if isinstance(candidates, Path) else candidates
     pairs = {(r["query_id"], r["reference_id"], r["view"]): r.get("votes", "") for r in rows}
     return [(q, r, v, votes) for (q, r, v), votes in sorted(pairs.items())]
 
 
-def verify_chunk(
-    chunk: tuple[int, list[tuple[str, str, str, str]]], queries: str, references: str,
-    conf: dict[str, Any], feature_short_side: int, out_dir: Path,
-    revisions: tuple[str | None, str | None] = (None, None),
-) -> int:
-    """Verify one chunk of pairs and write its rows; return the chunk index."""
-    limit_threads()
-    index, pairs = chunk
-    qf, rf = features_of(queries, revisions[0]), features_of(references, revisions[1])
-    rows = []
-    for query_id, ref_id, view, votes in pairs:
-        result = verify_view(qf, rf, query_id, ref_id, view, conf, feature_short_side)
-        rows.append([query_id, ref_id, view, votes, *result.row()])
-    write_csv(chunk_path(out_dir, index, pairs), PAIR_COLUMNS, rows)
-    return index
+
+@dataclass(frozen=True, eq=False)  # hashed by identity (its conf is a dict)
+class ChunkVerifier:
+    """A task of the execution layer: verify a few chunks of pairs, writing each chunk's rows
+    atomically; it opens the two feature stores once per task (it holds no state between
+    tasks, so a store that changed since is read afresh)."""
+
+    queries: str
+    references: str
+    conf: dict[str, Any]  # the match_score section
+    feature_short_side: int
+    out_dir: Path
+
+    def __call__(self, chunks: list[tuple[int, Pairs]]) -> int:
+        """Verify ``chunks`` ((index, pairs) each); return the number of pairs verified."""
+        limit_threads()
+        qf, rf = LocalFeatures(self.queries), LocalFeatures(self.references)
+        for index, pairs in chunks:
+            rows = [[q, r, view, votes, *verify_view(qf, rf, q, r, view, self.conf,
+                                                     self.feature_short_side).row()]
+                    for q, r, view, votes in pairs]
+            write_csv(chunk_path(self.out_dir, index, pairs), PAIR_COLUMNS, rows)
+        return sum(len(pairs) for _, pairs in chunks)
 
 
 def verify_view(qf: LocalFeatures, rf: LocalFeatures, query_id: str, ref_id: str, view: str,
@@ -83,14 +79,14 @@ def verify_view(qf: LocalFeatures, rf: LocalFeatures, query_id: str, ref_id: str
                   feature_short_side)
 
 
-def chunk_path(out_dir: Path, index: int, pairs: list[tuple[str, str, str, str]]) -> Path:
+def chunk_path(out_dir: Path, index: int, pairs: Pairs) -> Path:
     """A chunk's file, named after its pairs: a chunk whose pairs changed (references added
     or removed upstream) is verified again, an unchanged one is reused."""
     return out_dir / f"chunk_{index:05d}-{digest(pairs)}.csv"
 
 
 def verify_pairs(
-    conf: dict[str, Any], pairs: list[tuple[str, str, str, str]], queries: Path,
+    conf: dict[str, Any], pairs: Pairs, queries: Path,
     references: Path, out_dir: Path, desc: str = "verify",
 ) -> list[dict[str, str]]:
     """Verify ``pairs`` in resumable chunks under ``out_dir``; return all verified rows."""
@@ -98,13 +94,11 @@ def verify_pairs(
     chunks = [(i, pairs[s:s + size]) for i, s in enumerate(range(0, len(pairs), size))]
     parts = [chunk_path(out_dir, i, c) for i, c in chunks]
     todo = [c for c, p in zip(chunks, parts, strict=True) if not p.exists()]
-    work = functools.partial(
-        verify_chunk, queries=str(queries), references=str(references), conf=conf[STAGE],
-        feature_short_side=conf["local_fea"]["short_side"], out_dir=out_dir,
-        revisions=(ShardStore(queries).revision, ShardStore(references).revision))
-    for _ in parallel_map(work, todo, n_jobs=conf["run"]["n_jobs"], desc=desc, unit="pair",
-                          total=sum(len(c[1]) for c in todo),
-                          weight=lambda i: len(chunks[i][1])):
+    verifier = ChunkVerifier(str(queries), str(references), conf[STAGE],
+                             conf["local_fea"]["short_side"], out_dir)
+    tasks = spread(todo, TASKS_PER_WORKER * workers(conf["run"]["n_jobs"]))
+    for _ in parallel_map(verifier, tasks, n_jobs=conf["run"]["n_jobs"], desc=desc,
+                          unit="pair", total=sum(len(c[1]) for c in todo), weight=int):
         pass
     for stale in set(out_dir.glob("chunk_*.csv")) - set(parts):
         stale.unlink()
