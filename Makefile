@@ -21,7 +21,7 @@ COPYDET := $(VENV)/bin/copydet
 SETTINGS = $(if $(CONFIG),--config $(CONFIG)) $(OPTS)
 ARGS = --work $(WORK) $(SETTINGS)
 
-.PHONY: install demo all eval report test lint gpu-check bench-pipeline bench bench-global bench-detect bench-scale capacity \
+.PHONY: install demo all eval report test test-fast lint gpu-check bench-pipeline bench bench-global bench-detect bench-scale capacity \
 	train-index calibrate hard-sets lookalike-groups train-split train-global global-assets calibrate-fusion \
 	train-detector clean
 
@@ -41,7 +41,7 @@ demo: install
 		EDITS=data/edits.csv
 
 # The whole pipeline (every branch of merge.branches, then the fusion); each stage alone is
-# `$(COPYDET) <stage>` (README: How it works).
+# `$(COPYDET) <stage>` (README: Stages and commands).
 all: install
 	$(COPYDET) run --queries $(QUERY) --references $(REF) --out $(SUBMISSION) $(ARGS)
 
@@ -55,8 +55,12 @@ report: install
 	$(COPYDET) report --work $(WORK) $(if $(filter command line,$(origin GT)),--gt $(GT)) \
 		$(if $(EDITS),--edits $(EDITS))
 
+# The full suite (what CI runs); test-fast leaves out the slow end-to-end runs.
 test: install
 	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -78,8 +82,8 @@ bench-pipeline: install
 	$(PY) -m bench.bench_pipeline $(if $(filter command line,$(origin QUERY)),--queries $(QUERY)) \
 		$(if $(filter command line,$(origin REF)),--references $(REF)) $(OPTS)
 
-# GPU paths against the CPU, then throughput and peak GPU memory (says so and exits 0
-# without a GPU).
+# GPU paths against the CPU (pytest -m gpu), then throughput and peak GPU memory (says so and
+# exits 0 without a GPU).
 gpu-check: install
 	$(PY) -m bench.gpu_check
 
@@ -113,7 +117,7 @@ global-assets: train-split
 # Harder benchmarks of our own, from the calib photos (nothing is fitted on them): look-alikes
 # (other photos of a reference's setting) and small pasted copies under overlays. Measure with
 # `make all eval QUERY=$(WORK)/lookalike/queryimages REF=$(WORK)/lookalike/referenceimages
-# GT=$(WORK)/lookalike/gt.csv` (README: Look-alikes and small copies).
+# GT=$(WORK)/lookalike/gt.csv` (docs/results.md).
 hard-sets: train-split
 	$(PY) -m data.make_lookalike --photos $(WORK)/trainsplit/calib --out $(WORK)/lookalike \
 		--made 60 --refs 150 --positives 150 --distractors 60 --seed 11 --force
@@ -133,7 +137,7 @@ calibrate-fusion: install
 
 # The overlay detector: a synthetic set of pastes made from the fit part of the training photos
 # (the calib part stays unseen for the fusion's calibration), then YOLO from scratch in two
-# stages, as recorded in preprocess/assets/overlay_yolo.json (CPU: about 2 h on 2 cores; on a
+# stages, as recorded in preprocess/assets/overlay_yolo.json (CPU: about 25 min on 2 cores; on a
 # GPU add DETECTOR_OPTS="--device 0 --amp").
 SYNTH ?= $(WORK)/overlay_synth
 DETECTOR_OPTS ?=

@@ -21,6 +21,17 @@ DEVSET = SHARED / "devset"
 NO_NETWORK = REPO_ROOT / "tests" / "no_network"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` are skipped where torch sees no CUDA device."""
+    from common.devices import torch_gpus
+
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu_tests and not torch_gpus():
+        skip = pytest.mark.skip(reason="no CUDA device torch can see")
+        for item in gpu_tests:
+            item.add_marker(skip)
+
+
 def demo_references() -> list[Path]:
     return sorted((DATA / "referenceimages").glob("*.jpg"))
 

@@ -1,5 +1,6 @@
 """Exact k-NN with torch (``common.torch_knn``) on the CPU against Faiss' exact search
-(``common.knn``), the choice of backend, and ``bench.gpu_check`` without a GPU."""
+(``common.knn``), the choice of backend, ``bench.gpu_check`` without a GPU and the comparison
+the GPU checks make (``tests.gpu_compare``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from bench.gpu_check import compare_knn
 from common import UserError, knn
 from common.config import load_config
 from common.torch_knn import (
@@ -24,6 +24,7 @@ from common.torch_knn import (
 )
 from local_fea.index import block_rows
 from tests.conftest import REPO_ROOT, offline_env, python
+from tests.gpu_compare import compare_knn
 
 TWO_CPUS = knn.torch_backend(["cpu", "cpu"])
 
@@ -253,19 +254,6 @@ def test_gpu_check_without_a_gpu_says_so() -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines() == [done.stdout.strip()]
     assert done.stdout.startswith("no GPU: torch sees no CUDA device")
-
-
-def test_gpu_check_cpu_selftest_runs_every_comparison(tmp_path) -> None:
-    done = subprocess.run([python(), "-m", "bench.gpu_check", "--cpu-selftest", "--refs",
-                           "6000", "--queries", "60", "--throughput-queries", "100",
-                           "--images", "8", "--work", str(tmp_path)], cwd=REPO_ROOT,
-                          env=offline_env(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    results = {line.split("|")[0].strip(): line.split("|")[1].strip()
-               for line in done.stdout.splitlines() if line.count("|") == 4}
-    for check in ("knn-l2", "knn-ip", "global", "detect"):
-        assert results[check] == "ok", done.stdout
-    assert results["demo"] == "-" and "every check passed" in done.stdout
 
 
 def test_gpu_check_comparison_flags_a_wrong_neighbour() -> None:
