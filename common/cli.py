@@ -1,31 +1,47 @@
 """Command lines of the stages: each stage module declares one ``Command`` (its own argument
 group and how the parsed arguments call its ``main``); ``copydet <command>``
 (``copydet.cli``) and ``python -m <stage module>`` both run it through ``run_command``,
-which holds the work folder's lock (``common.lock``) for the run and is the one place where a
-user error or a full disk becomes one line on stderr and exit code ``EXIT_USER_ERROR``.
+which holds the work folder's lock (``common.lock``) for the run.
+
+``report_errors`` is the one place where a command ends. Whatever ends it, its worker
+processes are stopped first (``common.parallel.stop_workers``); then a user error, a full
+disk, a read-only or forbidden place is one line ``error: …`` on stderr and exit code
+``EXIT_USER_ERROR``; Ctrl-C (SIGINT), SIGTERM and SIGHUP are one line and exit code 128 + the
+signal's number (130, 143, 129); an unexpected error (a bug) is one line naming the file that
+keeps its traceback, and exit code ``EXIT_BUG``. Finished work is kept in every case: every
+output is written atomically, and running the command again resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import importlib
 import logging
 import re
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from common import UserError
-from common.config import load_config
-from common.io import DISK_FULL
+from common.config import REPO_ROOT, load_config
+from common.io import DISK_FULL, NOT_WRITABLE
 from common.lock import work_lock
-from common.logs import setup_console
-from common.parallel import execution
+from common.logs import one_line, save_traceback, setup_console
+from common.parallel import execution, stop_workers
 
+EXIT_BUG = 1  # an unexpected error: Python's own code for an uncaught exception
 EXIT_USER_ERROR = 2  # what a user can fix (also argparse's code for a bad command line)
+EXIT_SIGNAL = 128  # + the signal's number, as a shell reports a process a signal ended
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # raise ``Stopped``; SIGINT: KeyboardInterrupt
 DISK_FULL_TEXT = re.compile(r"No space left on device|Disk quota exceeded|write error in (\S+?):")
+KEPT = "finished work is kept"
 
 
 @dataclass(frozen=True)
@@ -121,27 +137,116 @@ def disk_full(err: BaseException | None) -> str | None:
     return found
 
 
-def fail(message: str) -> None:
-    """The one line of a user error, and its exit code."""
+class Stopped(KeyboardInterrupt):
+    """A signal that stops a run (``STOP_SIGNALS``), raised in the main thread as Ctrl-C raises
+    ``KeyboardInterrupt``, so that the run unwinds as it does for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def signals_stop() -> Iterator[None]:
+    """Within the block, ``STOP_SIGNALS`` raise ``Stopped`` (main thread only: elsewhere
+    Python cannot set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> NoReturn:
+        raise Stopped(signum)
+
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def signals_ignored() -> Iterator[None]:
+    """Ctrl-C and the ``STOP_SIGNALS`` ignored within the block: a second Ctrl-C while a run
+    stops its workers is no traceback."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, *STOP_SIGNALS)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def ending(err: BaseException, work: Path | None = None) -> tuple[str, int]:
+    """The one line (without ``error: ``) and the exit code of a command that ``err`` ends."""
+    if isinstance(err, KeyboardInterrupt):
+        signum = getattr(err, "signum", signal.SIGINT)
+        name = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else signal.Signals(signum).name
+        return (f"stopped by {name}: {KEPT}; run the same command again to resume",
+                EXIT_SIGNAL + signum)
+    if isinstance(err, UserError):
+        return str(err), EXIT_USER_ERROR
+    if (where := disk_full(err)) is not None:
+        return (f"disk full while writing {where or work or 'the outputs'}: free space or use "
+                f"another --work; {KEPT}", EXIT_USER_ERROR)
+    if isinstance(err, OSError) and err.errno in NOT_WRITABLE:
+        where = err.filename or work or "the outputs"
+        if err.errno == errno.EROFS:
+            return (f"cannot write {where}: the file system is read-only: use another --work; "
+                    f"{KEPT}", EXIT_USER_ERROR)
+        return (f"permission denied for {where}: give this user access to it, or use another "
+                f"--work; {KEPT}", EXIT_USER_ERROR)
+    return bug(err, work), EXIT_BUG
+
+
+def bug(err: BaseException, work: Path | None) -> str:
+    """The line of an unexpected error: where it arose, and the file keeping its traceback
+    (the traceback itself on stderr where no file can take it)."""
+    saved = save_traceback(err, work)
+    if saved is None:
+        traceback.print_exception(err, file=sys.stderr)
+    kept = f"its traceback is in {saved}" if saved else "its traceback is above"
+    return f"unexpected {one_line(err)}{where_raised(err)}: a bug; {kept}, please report it; {KEPT}"
+
+
+def where_raised(err: BaseException) -> str:
+    """`` at <file>:<line>``: the deepest frame of the traceback in this repository's code
+    (not a library's), or the deepest frame at all."""
+    frames = traceback.extract_tb(err.__traceback__)
+    ours = [f for f in frames if Path(f.filename).is_relative_to(REPO_ROOT)
+            and "site-packages" not in Path(f.filename).parts]
+    if not (frames := ours or frames):
+        return ""
+    path = Path(frames[-1].filename)
+    shown = path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path.name
+    return f" at {shown}:{frames[-1].lineno}"
+
+
+def fail(message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
+    """The one line of a command that ends without its result, and its exit code."""
     print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(EXIT_USER_ERROR) from None
+    raise SystemExit(code) from None
 
 
 def report_errors(call: Callable[[], Any], work: Path | None = None) -> Any:
-    """Run ``call()`` and print its result; a user error or a full disk is one line on stderr
-    and exit ``EXIT_USER_ERROR``, the same for every command (finished work is kept: every
-    output is written atomically)."""
+    """Run ``call()`` and print its result; on every way out, stop the worker processes
+    first. Whatever else ends it (an error, a signal) is one line on stderr and an exit code
+    (module docstring); a ``SystemExit`` keeps its own."""
     setup_console()
     try:
-        result = call()
-    except UserError as err:
-        fail(str(err))
-    except (OSError, RuntimeError) as err:
-        where = disk_full(err)
-        if where is None:
-            raise
-        fail(f"disk full while writing {where or work or 'the outputs'}: free space or use "
-             "another --work; finished work is kept")
+        with signals_stop():
+            result = call()
+    except BaseException as err:
+        with signals_ignored():
+            stop_workers()
+            if isinstance(err, SystemExit):
+                raise
+            message, code = ending(err, work)
+        fail(message, code)
+    stop_workers()
     if result is not None:
         print(result)
     return result

@@ -4,6 +4,8 @@ The kernel releases the lock when its process ends, killed or not, so a stale lo
 blocks: the file's content (pid, command, start time, host) is only what a second run names in
 the one line it stops with. The lock is re-entrant within one process (``copydet run`` calls
 the stages' ``main``), and it is not inherited by worker processes (they are started fresh).
+A work folder that cannot be created or written in (a read-only mount, no permission) stops
+the command before any work, in one line.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import os
 import socket
 import stat
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from common import UserError
+from common.io import DISK_FULL
 
 LOCK = ".lock"
 POLL_S = 0.2
@@ -38,6 +42,19 @@ def holder(path: Path) -> str:
                 f"{info['argv']}), started {info['started']}")
     except (OSError, ValueError, KeyError, TypeError):
         return "a run that is just starting"
+
+
+def writable_folder(folder: Path) -> None:
+    """Create ``folder`` if needed and check that a file can be made in it (``UserError``)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        fix = ("free space" if err.errno in DISK_FULL else "remove the file in its way"
+               if isinstance(err, FileExistsError | NotADirectoryError) else "make it writable")
+        raise UserError(f"cannot write in the work folder {folder} ({err.strerror}): {fix}, "
+                        "or use another --work") from None
 
 
 def _open(path: Path) -> tuple[int, bool]:
@@ -92,7 +109,7 @@ def work_lock(work: str | os.PathLike, command: str, wait_s: float = 0.0) -> Ite
         finally:
             _held[folder] -= 1
         return
-    folder.mkdir(parents=True, exist_ok=True)
+    writable_folder(folder)
     fd, writable = _open(folder / LOCK)
     try:
         _acquire(fd, folder / LOCK, wait_s)

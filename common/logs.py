@@ -3,21 +3,25 @@
 ``start_run`` sends log records to the console (through tqdm, so progress bars stay intact)
 and to ``<work>/runs/<time>-<stage>/run.log``. ``RunLog.skip`` records an input that was left
 out, with a one-line reason; ``RunLog.close`` writes those to ``skipped.csv`` in the same
-folder and logs a summary.
+folder and logs a summary: "done" when the stage is done, "stopped" when an exception (an
+error, Ctrl-C) ends it. ``save_traceback`` keeps the traceback of an unexpected error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
-from common.io import write_csv
+from common.io import write_csv, write_text
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -72,24 +76,53 @@ class RunLog:
         self.skipped.append(Skip(item, str(path), reason))
         self.logger.warning("skipped %s (%s): %s", item, path, reason)
 
-    def close(self) -> Path:
-        report = write_csv(
-            self.folder / "skipped.csv",
-            ["item", "path", "reason"],
-            [(s.item, s.path, s.reason) for s in self.skipped],
-        )
-        self.logger.info("%s done: %d input(s) skipped, report %s", self.stage,
-                         len(self.skipped), report)
-        if self._handler is not None:
-            logging.getLogger().removeHandler(self._handler)
-            self._handler.close()
+    def close(self, error: BaseException | None = None) -> Path:
+        """Write ``skipped.csv`` and say that the stage is done, or that ``error`` stopped it
+        (then a report that cannot be written, on a full disk, is left out)."""
+        report = self.folder / "skipped.csv"
+        try:
+            try:
+                write_csv(report, ["item", "path", "reason"],
+                          [(s.item, s.path, s.reason) for s in self.skipped])
+            except OSError:
+                if error is None:
+                    raise
+            if error is None:
+                self.logger.info("%s done: %d input(s) skipped, report %s", self.stage,
+                                 len(self.skipped), report)
+            else:
+                self.logger.warning("%s stopped (%s): %d input(s) skipped so far",
+                                    self.stage, one_line(error), len(self.skipped))
+        finally:
+            if self._handler is not None:
+                logging.getLogger().removeHandler(self._handler)
+                self._handler.close()
         return report
 
     def __enter__(self) -> RunLog:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind: type | None, error: BaseException | None, tb: object) -> None:
+        self.close(error)
+
+
+def one_line(error: BaseException) -> str:
+    """``Type: message``, the message's first line only (the type alone when it has none)."""
+    text = str(error).strip().split("\n")[0]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def save_traceback(error: BaseException, work: str | os.PathLike | None) -> Path | None:
+    """Write the traceback of ``error`` to ``<work>/runs/error-<time>-<pid>.txt`` (or to the
+    temporary folder, where the work folder cannot take it); return the file, or None when
+    nothing could be written."""
+    text = "".join(traceback.format_exception(error))
+    name = f"error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    folders = ([Path(work) / "runs"] if work is not None else []) + [Path(tempfile.gettempdir())]
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            return write_text(folder / name, text)
+    return None
 
 
 def start_run(work_dir: str | os.PathLike, stage: str) -> RunLog:

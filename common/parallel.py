@@ -11,6 +11,9 @@ A cluster needs what a local run has: the same Python environment on every worke
 repository importable (``PYTHONPATH``), and the image folders and work folder on a file
 system every worker sees under the same absolute paths (tasks read and write files, never
 ship arrays through the scheduler).
+
+``stop_workers`` stops every local worker process (``common.cli`` calls it on every way a
+command ends), so that none outlives its run holding files of the work folder open.
 """
 
 from __future__ import annotations
@@ -19,13 +22,16 @@ import contextlib
 import contextvars
 import itertools
 import logging
+import multiprocessing
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 import joblib
 from joblib import Parallel, delayed
+from joblib.externals.loky import reusable_executor
 from tqdm import tqdm
 
 from common import UserError
@@ -171,3 +177,30 @@ def parallel_map(
         for result in results:
             bar.update(weight(result) if weight else 1)
             yield result
+
+
+@contextlib.contextmanager
+def thread_pool(threads: int, name: str) -> Iterator[ThreadPoolExecutor]:
+    """A thread pool whose queued tasks are cancelled when the block ends (by an error, or
+    Ctrl-C), so that only the tasks already running are waited for."""
+    pool = ThreadPoolExecutor(threads, thread_name_prefix=name)
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def stop_workers(keep: Collection[Any] = (), timeout_s: float = 5.0) -> None:
+    """Stop the worker processes this process started: joblib's reusable loky executor (its
+    workers killed, not waited for: a task may be in the middle of a write) and the
+    ``multiprocessing`` children not in ``keep`` (torch's DataLoader workers; ``keep``: those
+    that were there before the command, e.g. a caller's Dask ``LocalCluster``). The resource
+    trackers of loky and ``multiprocessing`` then end with this process (they hold no files;
+    stopped earlier, they would be started again at exit to forget joblib's temporary
+    folders). The next ``parallel_map`` starts new workers."""
+    executor = reusable_executor._executor  # no public accessor that does not start one
+    if executor is not None:
+        executor.shutdown(wait=True, kill_workers=True)
+    for child in set(multiprocessing.active_children()) - set(keep):
+        child.terminate()
+        child.join(timeout_s)

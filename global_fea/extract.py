@@ -23,7 +23,7 @@ import contextlib
 import copy
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +38,9 @@ from common import cli
 from common.config import digest, output_name
 from common.devices import torch_devices
 from common.images import ImageError, ImageSet, input_images, read_image
-from common.io import atomic_path, dump_joblib
+from common.io import atomic_h5, dump_joblib
 from common.logs import RunLog, start_run
-from common.parallel import resolve_n_jobs
+from common.parallel import resolve_n_jobs, thread_pool
 from common.shards import ShardStore
 from global_fea import codec as whitening
 from global_fea import runtime, weights
@@ -166,9 +166,9 @@ def describe_batches(
         for job in jobs:
             yield describe_job(models[0], data, job, mirror, devices[0])
         return
-    pools = [ThreadPoolExecutor(1, thread_name_prefix=f"describe-{d}") for d in devices]
-    pending: deque[Future] = deque()
-    try:
+    with contextlib.ExitStack() as stack:
+        pools = [stack.enter_context(thread_pool(1, f"describe-{d}")) for d in devices]
+        pending: deque[Future] = deque()
         for i, job in enumerate(jobs):
             d = i % len(devices)
             pending.append(pools[d].submit(describe_job, models[d], data, job, mirror,
@@ -177,9 +177,6 @@ def describe_batches(
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
-    finally:
-        for pool in pools:
-            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def describe_job(model: Network, data: ImageFolderData,
@@ -277,7 +274,7 @@ def valid_rows(store: ShardStore) -> Iterator[tuple[int, list[int], list[str]]]:
 def write_h5(out: Path, stores: dict[str, ShardStore], codec: whitening.Codec, mirror: bool,
              attrs: dict[str, str]) -> Path:
     """Whiten the stores' descriptors and write the ISC h5 (module docstring), atomically."""
-    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_h5(out) as f:
         f.attrs.update(attrs)
         for role, store in stores.items():
             valid = list(valid_rows(store))

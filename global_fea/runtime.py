@@ -87,7 +87,9 @@ def check_batch(model: GlobalDescriptor, n: int = 3) -> torch.Tensor:
 
 
 def export(model: GlobalDescriptor, path: Path) -> Path:
-    """Write ``model`` (preprocessed NCHW float batch -> descriptors) as ONNX, atomically."""
+    """Write ``model`` (preprocessed NCHW float batch -> descriptors) as ONNX, atomically. An
+    ``OSError`` (a full disk) is raised as it is: the run stops, it does not fall back to
+    torch."""
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)  # legacy exporter
         try:
@@ -96,6 +98,8 @@ def export(model: GlobalDescriptor, path: Path) -> Path:
                               dynamic_axes={"x": {0: "n"}, "desc": {0: "n"}},
                               dynamo=False, opset_version=17)
         except Exception as err:  # any exporter failure: the caller decides what it means
+            if isinstance(err, OSError):  # where it writes (a full disk): not the network
+                raise
             raise ExportError(f"torch.onnx.export failed: {err}") from err
     return path
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -48,7 +47,7 @@ from common.images import (
 )
 from common.io import atomic_path, clean_stale_tmp, dump_joblib, read_csv, write_csv
 from common.logs import RunLog, start_run
-from common.parallel import resolve_n_jobs
+from common.parallel import resolve_n_jobs, thread_pool
 from common.shards import ShardStore, ShardTask
 
 STAGE = "preprocess"
@@ -173,7 +172,7 @@ class Detector:
             return [self._detect_batch(replica, images[s:s + step], sizes[s:s + step])
                     for s in starts[replica::n]]
 
-        with ThreadPoolExecutor(n, thread_name_prefix="detect") as pool:  # one per device
+        with thread_pool(n, "detect") as pool:  # one per device
             per_device = list(pool.map(run_device, range(n)))
         out: list[list[Box]] = []
         for b in range(len(starts)):  # batch b ran on replica b % n, as its (b // n)-th
@@ -228,7 +227,7 @@ def _each(fn: Callable[[T], R], items: Sequence[T], threads: int) -> list[R | Im
 
     if threads <= 1:
         return [safe(item) for item in items]
-    with ThreadPoolExecutor(threads, thread_name_prefix="images") as pool:
+    with thread_pool(threads, "images") as pool:
         return list(pool.map(safe, items))
 
 

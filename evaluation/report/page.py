@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from common import UserError
-from common.io import is_stale_tmp
+from common.io import is_stale_tmp, output_error
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 MARKER = ".copydet-report"  # in every report folder: only such a folder is ever replaced
@@ -37,6 +37,10 @@ def building(out: Path) -> Iterator[Path]:
             os.replace(out, old)
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
+    except OSError as err:
+        if (named := output_error(err, tmp, out)) is not None:  # name the report's file
+            raise named from err
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
