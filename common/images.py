@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import stat
 import threading
 import warnings
 from dataclasses import dataclass
@@ -66,8 +67,9 @@ def list_images(folder: str | Path, name: str | None = None) -> ImageSet:
     """List the images under ``folder`` (recursively); ids are file stems and must be unique.
 
     Files whose suffix is not an image suffix are listed in ``ignored`` (and logged), hidden
-    files are skipped. Files with an image suffix but no image inside, and broken symbolic
-    links, are kept: decoding them fails later with a clear reason in the skip report.
+    files are skipped. Files with an image suffix but no image inside, broken symbolic links
+    and special files (FIFOs, sockets, devices) are kept: decoding them fails later with a
+    clear reason in the skip report (a special file is never opened).
     """
     root = Path(folder)
     if not root.is_dir():
@@ -75,7 +77,7 @@ def list_images(folder: str | Path, name: str | None = None) -> ImageSet:
     by_id: dict[str, Path] = {}
     ignored = []
     for path in sorted(root.rglob("*")):
-        if path.name.startswith(".") or not (path.is_file() or is_broken_link(path)):
+        if path.name.startswith(".") or path.is_dir():
             continue
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             ignored.append(path)
@@ -98,6 +100,13 @@ def list_images(folder: str | Path, name: str | None = None) -> ImageSet:
         paths=tuple(by_id[i] for i in ids),
         ignored=tuple(ignored),
     )
+
+
+def special_kind(mode: int) -> str:
+    """What a file that is not a regular file is, from its ``st_mode``."""
+    kinds = {stat.S_ISFIFO: "a named pipe (FIFO)", stat.S_ISSOCK: "a socket",
+             stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device"}
+    return next((kind for test, kind in kinds.items() if test(mode)), "a special file")
 
 
 def is_broken_link(path: Path) -> bool:
@@ -184,7 +193,10 @@ def read_image(
     if is_broken_link(path):
         raise ImageError(f"broken symbolic link to {os.readlink(path)}")
     try:
-        if path.stat().st_size == 0:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # opening a FIFO would wait for a writer
+            raise ImageError(f"not a regular file: {special_kind(info.st_mode)}, not read")
+        if info.st_size == 0:
             raise ImageError("empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL's EXIF/ICC chatter is not actionable

@@ -43,6 +43,7 @@ from match_score import verify
 from merge import branches as fusion_branches
 from merge import fuse
 from merge.branches import BranchEvidence
+from pipeline import checks
 from preprocess import detect
 
 RECORD = "pipeline.json"
@@ -162,6 +163,7 @@ def _run(conf: dict[str, Any], query_set: ImageSet, reference_set: ImageSet, wor
     if conf["merge"]["method"] == "fusion":  # a model fitted for other branches
         fuse.fusion_model(conf, fusion)
     concrete_index(conf["local_search"], len(reference_set))  # nprobe auto, an unknown index
+    checks.before_work(conf, query_set, reference_set, work)  # devices, free space
     record = Record()
     outputs = run_branches(conf, query_set, reference_set, work, record)
     pair_files = {name: o["pairs"] for name, o in outputs.items()}
