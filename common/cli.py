@@ -3,13 +3,14 @@ group and how the parsed arguments call its ``main``); ``copydet <command>``
 (``copydet.cli``) and ``python -m <stage module>`` both run it through ``run_command``,
 which holds the work folder's lock (``common.lock``) for the run.
 
-``report_errors`` is the one place where a command ends. Whatever ends it, its worker
-processes are stopped first (``common.parallel.stop_workers``); then a user error, a full
-disk, a read-only or forbidden place is one line ``error: …`` on stderr and exit code
-``EXIT_USER_ERROR``; Ctrl-C (SIGINT), SIGTERM and SIGHUP are one line and exit code 128 + the
-signal's number (130, 143, 129); an unexpected error (a bug) is one line naming the file that
-keeps its traceback, and exit code ``EXIT_BUG``. Finished work is kept in every case: every
-output is written atomically, and running the command again resumes.
+``report_errors`` is the one place where a command ends. Whatever ends it, its worker processes
+are stopped first (``common.parallel.stop_workers``); then a user error, a full disk, a
+read-only or forbidden place, a worker process that died (out of memory) is one line
+``error: …`` on stderr and exit code ``EXIT_USER_ERROR``; Ctrl-C (SIGINT), SIGTERM and SIGHUP
+are one line and exit code 128 + the signal's number (130, 143, 129); an unexpected error (a
+bug) is one line naming the file that keeps its traceback, and exit code ``EXIT_BUG``. Finished
+work is kept in every case: every output is written atomically, and running the command again
+resumes.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import gc
 import importlib
 import logging
+import multiprocessing
 import re
 import signal
 import sys
@@ -29,9 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+from joblib.externals.loky.process_executor import TerminatedWorkerError
+
 from common import UserError
 from common.config import REPO_ROOT, load_config
-from common.io import DISK_FULL, NOT_WRITABLE
+from common.io import DISK_FULL, NOT_WRITABLE, without_tmp
 from common.lock import work_lock
 from common.logs import one_line, save_traceback, setup_console
 from common.parallel import execution, stop_workers
@@ -123,14 +128,14 @@ def disk_full(err: BaseException | None) -> str | None:
     """If ``err`` arose from a full disk: the file being written then (the deepest error of
     its chain that names one), or an empty string when unknown; None otherwise. Covers
     ``OSError`` ENOSPC/EDQUOT and the messages of libraries that translate it (faiss
-    ``write error``, HDF5)."""
+    ``write error``, HDF5). A temporary file is named by the output it was written for."""
     found = None
     while err is not None:
         name = None
         if isinstance(err, OSError) and err.errno in DISK_FULL:
-            name = str(err.filename or "")
+            name = without_tmp(str(err.filename or ""))
         elif isinstance(err, OSError | RuntimeError) and (text := DISK_FULL_TEXT.search(str(err))):
-            name = text.group(1) or ""
+            name = without_tmp(text.group(1) or "")
         if name is not None and (found is None or name):
             found = name
         err = err.__cause__ or err.__context__
@@ -147,37 +152,23 @@ class Stopped(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def signals_stop() -> Iterator[None]:
-    """Within the block, ``STOP_SIGNALS`` raise ``Stopped`` (main thread only: elsewhere
-    Python cannot set handlers)."""
+def signal_handlers(signums: Sequence[int], handler: Any) -> Iterator[None]:
+    """``handler`` for the signals ``signums`` within the block (in the main thread only:
+    elsewhere Python cannot set one)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def stop(signum: int, frame: object) -> NoReturn:
-        raise Stopped(signum)
-
-    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+    previous = {s: signal.signal(s, handler) for s in signums}
     try:
         yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        for s, old in previous.items():
+            signal.signal(s, old)
 
 
-@contextlib.contextmanager
-def signals_ignored() -> Iterator[None]:
-    """Ctrl-C and the ``STOP_SIGNALS`` ignored within the block: a second Ctrl-C while a run
-    stops its workers is no traceback."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, *STOP_SIGNALS)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+def stop(signum: int, frame: object) -> NoReturn:
+    """The handler of ``STOP_SIGNALS`` while a command runs."""
+    raise Stopped(signum)
 
 
 def ending(err: BaseException, work: Path | None = None) -> tuple[str, int]:
@@ -189,16 +180,27 @@ def ending(err: BaseException, work: Path | None = None) -> tuple[str, int]:
                 EXIT_SIGNAL + signum)
     if isinstance(err, UserError):
         return str(err), EXIT_USER_ERROR
+    if isinstance(err, TerminatedWorkerError):  # killed: out of memory, most often
+        codes = re.search(r"exit codes of the workers are (\S.*)", str(err))
+        return (f"a worker process died (exit codes {codes.group(1) if codes else 'unknown'}): "
+                f"if the machine ran out of memory, lower run.n_jobs or run.shard_size; {KEPT}",
+                EXIT_USER_ERROR)
+    if type(err).__name__ == "KilledWorker":  # Dask's: a task whose workers kept dying
+        task = getattr(err, "task", "a task")
+        return (f"Dask workers died running {task}: if they ran out of memory, give them more "
+                f"or lower run.shard_size; {KEPT}", EXIT_USER_ERROR)
+    elsewhere = "use another --work" if work else "write elsewhere"
     if (where := disk_full(err)) is not None:
-        return (f"disk full while writing {where or work or 'the outputs'}: free space or use "
-                f"another --work; {KEPT}", EXIT_USER_ERROR)
+        return (f"disk full while writing {where or work or 'the outputs'}: free space or "
+                f"{elsewhere}; {KEPT}", EXIT_USER_ERROR)
     if isinstance(err, OSError) and err.errno in NOT_WRITABLE:
-        where = err.filename or work or "the outputs"
+        where = without_tmp(str(err.filename or work or "the outputs"))
         if err.errno == errno.EROFS:
-            return (f"cannot write {where}: the file system is read-only: use another --work; "
+            return (f"cannot write {where}: the file system is read-only: {elsewhere}; "
                     f"{KEPT}", EXIT_USER_ERROR)
-        return (f"permission denied for {where}: give this user access to it, or use another "
-                f"--work; {KEPT}", EXIT_USER_ERROR)
+        output = work is not None and Path(where).is_relative_to(work)
+        return (f"permission denied for {where}: give this user access to it"
+                f"{f', or {elsewhere}' if output else ''}; {KEPT}", EXIT_USER_ERROR)
     return bug(err, work), EXIT_BUG
 
 
@@ -231,22 +233,36 @@ def fail(message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
     raise SystemExit(code) from None
 
 
+def release(err: BaseException) -> None:
+    """Drop what the frames of ``err`` and of the errors it chains hold (open files, HDF5
+    objects, data loaders) now, not in the interpreter's last garbage collection, after the
+    libraries they belong to have shut down."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        traceback.clear_frames(err.__traceback__)
+        err = err.__cause__ or err.__context__
+    gc.collect()
+
+
 def report_errors(call: Callable[[], Any], work: Path | None = None) -> Any:
     """Run ``call()`` and print its result; on every way out, stop the worker processes
     first. Whatever else ends it (an error, a signal) is one line on stderr and an exit code
     (module docstring); a ``SystemExit`` keeps its own."""
     setup_console()
+    before = multiprocessing.active_children()  # a caller's own (a Dask LocalCluster) stay
     try:
-        with signals_stop():
+        with signal_handlers(STOP_SIGNALS, stop):
             result = call()
     except BaseException as err:
-        with signals_ignored():
-            stop_workers()
+        with signal_handlers((signal.SIGINT, *STOP_SIGNALS), signal.SIG_IGN):  # a 2nd Ctrl-C
+            stop_workers(before)
             if isinstance(err, SystemExit):
                 raise
             message, code = ending(err, work)
+            release(err)
         fail(message, code)
-    stop_workers()
+    stop_workers(before)
     if result is not None:
         print(result)
     return result
@@ -256,7 +272,7 @@ def run_script(call: Callable[[], Any]) -> int:
     """The body of a standalone script (the builders of ``data/``, ``preprocess.synth``):
     progress and INFO logs on stderr, then ``report_errors``; a missing or already written
     folder or a value out of range (``FileExistsError``, ``FileNotFoundError``,
-    ``ValueError``) is a user error like any other. What it made (a path) is printed."""
+    ``ValueError``) is a user error like any other. What it made (a path) is printed once."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     def checked() -> Any:
@@ -265,9 +281,7 @@ def run_script(call: Callable[[], Any]) -> int:
         except (FileExistsError, FileNotFoundError, ValueError) as err:
             raise UserError(str(err)) from None
 
-    made = report_errors(checked)
-    if made is not None:
-        print(made)
+    report_errors(checked)  # prints what it made
     return 0
 
 

@@ -14,18 +14,17 @@ import csv
 import errno
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any
 
 import joblib
 
 from common import UserError
 
-if TYPE_CHECKING:
-    import h5py
-
 TMP_MARK = ".tmp-"
+TMP_PART = re.compile(rf"{re.escape(TMP_MARK)}\d+(?=/|$)")
 INPUTS = "inputs.json"  # beside an output: the input paths it was made from
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
@@ -47,8 +46,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             raise named from err
         raise
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # moved, never made, or on a read-only mount
             tmp.unlink()
+
+
+def without_tmp(name: str) -> str:
+    """The output that a temporary file (or a file in a temporary folder) is written for:
+    ``name`` without its ``.tmp-<pid>``."""
+    return TMP_PART.sub("", name)
 
 
 def output_error(err: OSError, tmp: Path, out: Path) -> OSError | None:
@@ -62,65 +67,6 @@ def output_error(err: OSError, tmp: Path, out: Path) -> OSError | None:
     except ValueError:  # another file (an input, say)
         return None
     return OSError(err.errno, err.strerror, str(out / inner))
-
-
-class _WriteGuard:
-    """The file object HDF5 writes through in ``atomic_h5``. The first write that fails (or is
-    interrupted) is kept in ``error`` and every later one is dropped, so HDF5 never sees a
-    failed write: its file always closes. (A close that fails leaves HDF5 ids that h5py
-    releases again while the interpreter unwinds: "Can't decrement id ref count", then a
-    segmentation fault.)"""
-
-    def __init__(self, file: BinaryIO):
-        self.file, self.error = file, None
-
-    def _guarded(self, op: Callable[..., Any], *args: Any) -> None:
-        try:
-            if self.error is None:
-                op(*args)
-        except BaseException as err:  # Ctrl-C too: raised once the file is closed
-            self.error = err
-
-    def write(self, data: bytes) -> int:
-        self._guarded(self.file.write, data)
-        return len(data)
-
-    def truncate(self, size: int | None = None) -> None:
-        self._guarded(self.file.truncate, size)
-
-    def flush(self) -> None:
-        self._guarded(self.file.flush)
-
-    def read(self, size: int = -1) -> bytes:
-        return self.file.read(size)
-
-    def readinto(self, buffer: bytearray) -> int:
-        return self.file.readinto(buffer)
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        return self.file.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self.file.tell()
-
-
-@contextlib.contextmanager
-def atomic_h5(path: str | os.PathLike) -> Iterator[h5py.File]:
-    """An HDF5 file open for writing, moved onto ``path`` only if the block succeeds. A write
-    that fails (a full disk) is raised after HDF5 has closed the file (``_WriteGuard``), as an
-    ``OSError`` naming ``path``; the temporary file is removed."""
-    import h5py
-
-    with atomic_path(path) as tmp, open(tmp, "w+b") as raw:
-        guard = _WriteGuard(raw)
-        try:
-            with h5py.File(guard, "w") as f:
-                yield f
-        finally:
-            if isinstance(guard.error, OSError):
-                raise OSError(guard.error.errno, guard.error.strerror, str(tmp)) from guard.error
-            if guard.error is not None:
-                raise guard.error
 
 
 def dump_joblib(obj: Any, path: str | os.PathLike) -> Path:

@@ -37,8 +37,9 @@ from tqdm import tqdm
 from common import cli
 from common.config import digest, output_name
 from common.devices import torch_devices
+from common.h5write import atomic_h5
 from common.images import ImageError, ImageSet, input_images, read_image
-from common.io import atomic_h5, dump_joblib
+from common.io import dump_joblib
 from common.logs import RunLog, start_run
 from common.parallel import resolve_n_jobs, thread_pool
 from common.shards import ShardStore
@@ -274,7 +275,7 @@ def valid_rows(store: ShardStore) -> Iterator[tuple[int, list[int], list[str]]]:
 def write_h5(out: Path, stores: dict[str, ShardStore], codec: whitening.Codec, mirror: bool,
              attrs: dict[str, str]) -> Path:
     """Whiten the stores' descriptors and write the ISC h5 (module docstring), atomically."""
-    with atomic_h5(out) as f:
+    with atomic_h5(out) as (f, guard):
         f.attrs.update(attrs)
         for role, store in stores.items():
             valid = list(valid_rows(store))
@@ -291,6 +292,8 @@ def write_h5(out: Path, stores: dict[str, ShardStore], codec: whitening.Codec, m
                              dtype=h5py.string_dtype())
             for k, rows, shard_ids in tqdm(valid, desc=f"h5 {role}", unit="shard",
                                            dynamic_ncols=True, mininterval=0.5):
+                if guard.error is not None:  # raised once HDF5 has closed the file
+                    return out
                 if not rows:
                     continue
                 where = np.array([position[i] for i in shard_ids])

@@ -28,9 +28,10 @@ def building(out: Path) -> Iterator[Path]:
             shutil.rmtree(stale, ignore_errors=True)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    (tmp / MARKER).write_text("a report of copydet: this folder is replaced by the next one\n")
     try:
+        tmp.mkdir()
+        (tmp / MARKER).write_text("a report of copydet: this folder is replaced by the next "
+                                  "one\n")
         yield tmp
         old = out.with_name(f"{out.name}.old-{os.getpid()}")
         if out.exists():
