@@ -24,6 +24,7 @@ from tqdm import tqdm
 from common.io import write_csv, write_text
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+SKIP_COLUMNS = ["item", "path", "reason"]
 
 
 class TqdmHandler(logging.StreamHandler):
@@ -79,18 +80,16 @@ class RunLog:
     def close(self, error: BaseException | None = None) -> Path:
         """Write ``skipped.csv`` and say that the stage is done, or that ``error`` stopped it
         (then a report that cannot be written, on a full disk, is left out)."""
-        report = self.folder / "skipped.csv"
+        report, rows = self.folder / "skipped.csv", [(s.item, s.path, s.reason)
+                                                     for s in self.skipped]
         try:
-            try:
-                write_csv(report, ["item", "path", "reason"],
-                          [(s.item, s.path, s.reason) for s in self.skipped])
-            except OSError:
-                if error is None:
-                    raise
             if error is None:
+                write_csv(report, SKIP_COLUMNS, rows)
                 self.logger.info("%s done: %d input(s) skipped, report %s", self.stage,
                                  len(self.skipped), report)
             else:
+                with contextlib.suppress(OSError):
+                    write_csv(report, SKIP_COLUMNS, rows)
                 self.logger.warning("%s stopped (%s): %d input(s) skipped so far",
                                     self.stage, one_line(error), len(self.skipped))
         finally:

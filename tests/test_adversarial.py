@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -20,7 +21,7 @@ import pytest
 from PIL import Image
 
 from common import UserError, safe_pickle
-from common.cli import EXIT_USER_ERROR, report_errors
+from common.cli import EXIT_BUG, EXIT_USER_ERROR, report_errors
 from common.config import DEFAULT_CONFIG, REPO_ROOT, load_config
 from common.images import list_images
 from common.io import clean_stale_tmp, dump_joblib
@@ -30,7 +31,7 @@ from common.shards import ShardStore
 from local_fea import extract
 from local_fea.extract import store_path
 from preprocess import detect
-from tests.conftest import DATA, offline_env, python
+from tests.conftest import DATA, fill, offline_env, python, tmpfs
 
 LOCAL_MAX = ("-o", "merge.branches=[local]", "-o", "merge.method=max")
 
@@ -58,9 +59,10 @@ def command(*args: str | Path) -> subprocess.CompletedProcess:
                           capture_output=True, env=offline_env())
 
 
-def one_line_error(done: subprocess.CompletedProcess) -> str:
-    """The single ``error:`` line of a run that stopped with exit code 2 (and no traceback)."""
-    assert done.returncode == EXIT_USER_ERROR, done.stderr[-3000:]
+def one_line_error(done: subprocess.CompletedProcess, code: int = EXIT_USER_ERROR) -> str:
+    """The single ``error:`` line of a run that stopped with exit code ``code`` (2: a user
+    error) and no traceback."""
+    assert done.returncode == code, done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and done.stderr.rstrip().endswith(errors[0]), done.stderr[-3000:]
@@ -256,10 +258,14 @@ def test_a_full_disk_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(joblib, "dump", full)
     out = tmp_path / "store" / "shard_00000.pkl"
     with pytest.raises(SystemExit) as stop:
-        report_errors(lambda: dump_joblib({"a": 1}, out))
+        report_errors(lambda: dump_joblib({"a": 1}, out), tmp_path)  # a stage's work folder
     assert stop.value.code == EXIT_USER_ERROR and not list(out.parent.iterdir())
     assert capsys.readouterr().err == (f"error: disk full while writing {out}: free space or "
                                        "use another --work; finished work is kept\n")
+    with pytest.raises(SystemExit):  # a script with no work folder: no --work to advise
+        report_errors(lambda: dump_joblib({"a": 1}, out))
+    assert capsys.readouterr().err.endswith(": free space or write elsewhere; finished work "
+                                            "is kept\n")
 
     def faiss_full() -> None:
         raise RuntimeError("Error in faiss::FileIOWriter::operator() at io.cpp:68: write error "
@@ -268,25 +274,18 @@ def test_a_full_disk_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     with pytest.raises(SystemExit):
         report_errors(faiss_full)
     assert capsys.readouterr().err.startswith("error: disk full while writing /w/index.faiss:")
-    with pytest.raises(FileNotFoundError):
-        report_errors(lambda: (tmp_path / "missing").read_bytes())
+    with pytest.raises(SystemExit) as stop:
+        report_errors(lambda: (tmp_path / "missing").read_bytes(), tmp_path)  # traceback there
+    assert stop.value.code == EXIT_BUG
+    assert capsys.readouterr().err.startswith("error: unexpected FileNotFoundError")
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Path:
+def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 2 MB tmpfs with 40 kB left (root only; skipped where mounting is not allowed)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
-    try:
-        free = shutil.disk_usage(mount).free
-        (mount / "filler").write_bytes(b"\0" * (free - 40 * 1024))
+    with tmpfs(tmp_path / "disk", "size=2m") as mount:
+        fill(mount, leave=40 * 1024)
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_full_disk_stops_a_stage_with_one_line(photos: Path, small_disk: Path) -> None:
