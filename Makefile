@@ -22,7 +22,7 @@ SETTINGS = $(if $(CONFIG),--config $(CONFIG)) $(OPTS)
 ARGS = --work $(WORK) $(SETTINGS)
 
 .PHONY: install demo all eval report test test-fast lint gpu-check bench-pipeline bench bench-global bench-detect bench-scale capacity \
-	train-index calibrate hard-sets lookalike-groups train-split train-global global-assets calibrate-fusion \
+	train-index calibrate hard-sets same-setting lookalike-groups train-split train-global global-assets calibrate-fusion \
 	train-detector clean
 
 install: $(VENV)/.installed
@@ -123,6 +123,13 @@ hard-sets: train-split
 		--made 60 --refs 150 --positives 150 --distractors 60 --seed 11 --force
 	$(PY) -m data.make_benchmark --photos $(WORK)/trainsplit/calib --out $(WORK)/smallcopy \
 		--refs 250 --positives 200 --distractors 100 --seed 10 --chain small_copy --force
+
+# Real photos of one setting, whole groups held out: the groups never fitted on, among edited
+# copies and distractors from photos nothing was fitted on (docs/results.md).
+MORE_PHOTOS ?= ../shared/trainset/more_photos
+same-setting: install
+	$(PY) -m data.same_setting --photos $(TRAIN_PHOTOS) $(MORE_PHOTOS) --fitted $(TRAIN_PHOTOS) \
+		--out $(WORK)/samesetting --force
 
 # The real look-alike groups (data/lookalike_groups.csv): the pipeline on the training photos
 # against themselves, pairs of different photos scoring >= 0.5, less data/same_photo.csv.

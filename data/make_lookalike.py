@@ -127,8 +127,9 @@ def made_pair(background: Image.Image, objects: tuple[Image.Image, Image.Image],
 def make_lookalike(photos: str | Path, out: str | Path, groups: str | Path | None, n_made: int,
                    n_refs: int, n_positives: int, n_distractors: int, seed: int,
                    max_side: int = 800, max_query_side: int = 1024,
-                   force: bool = False) -> Path:
-    """Build the look-alike benchmark of the module docstring in ``out``; return ``out``."""
+                   force: bool = False, lookalike_edits: tuple[int, int] = (1, 2)) -> Path:
+    """Build the look-alike benchmark of the module docstring in ``out``; return ``out``.
+    A look-alike query gets ``lookalike_edits`` light edits ((0, 0): the photo as taken)."""
     out = Path(out)
     if n_positives and not n_refs:
         raise ValueError("positives need at least one reference")
@@ -181,7 +182,7 @@ def make_lookalike(photos: str | Path, out: str | Path, groups: str | Path | Non
     def edit(q: int, source: Source) -> Edited:
         label, light = labels[q]
         q_rng = np.random.default_rng([seed, 2, q])
-        edited = (random_chain(image(source), q_rng, backgrounds, (1, 2), LIGHT_KINDS,
+        edited = (random_chain(image(source), q_rng, backgrounds, lookalike_edits, LIGHT_KINDS,
                                max_query_side) if light else
                   random_chain(image(source), q_rng, backgrounds, max_side=max_query_side))
         return replace(edited, label="+".join(filter(None, (label, edited.label))))
