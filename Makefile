@@ -22,7 +22,7 @@ SETTINGS = $(if $(CONFIG),--config $(CONFIG)) $(OPTS)
 ARGS = --work $(WORK) $(SETTINGS)
 
 .PHONY: install demo all eval report test test-fast lint gpu-check bench-pipeline bench bench-global bench-detect bench-scale capacity \
-	train-index calibrate hard-sets same-setting lookalike-groups train-split train-global global-assets calibrate-fusion \
+	train-index calibrate hard-sets same-setting frame-set lookalike-groups train-split train-global global-assets calibrate-fusion \
 	train-detector clean
 
 install: $(VENV)/.installed
@@ -130,6 +130,11 @@ MORE_PHOTOS ?= ../shared/trainset/more_photos
 same-setting: install
 	$(PY) -m data.same_setting --photos $(TRAIN_PHOTOS) $(MORE_PHOTOS) --fitted $(TRAIN_PHOTOS) \
 		--out $(WORK)/samesetting --force
+
+# Framed queries (screenshot, meme, pad) against references that are pages and posters made
+# from photos nothing was fitted on (docs/results.md).
+frame-set: install
+	$(PY) -m data.make_frames --photos $(MORE_PHOTOS) --out $(WORK)/frames --force
 
 # The real look-alike groups (data/lookalike_groups.csv): the pipeline on the training photos
 # against themselves, pairs of different photos scoring >= 0.5, less data/same_photo.csv.

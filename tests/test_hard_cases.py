@@ -22,7 +22,7 @@ from evaluation.isc_metric import evaluate, load_ground_truth, load_predictions
 from local_fea.features import ImageFeatures, extract_image
 from match_score.geometry import verify
 from match_score.score import ScoreModel
-from tests.conftest import demo_references
+from tests.conftest import DATA, demo_references
 from tests.test_pipeline import run_pipeline
 
 
@@ -172,6 +172,28 @@ def test_same_setting_benchmark_holds_out_whole_groups_never_fitted_on(tmp_path:
     labels = [r["edits"] for r in read_csv(out / "edits.csv")]
     assert labels.count("lookalike_real") == 1  # G1's look-alike, as taken: no edit
     assert len(list((out / "queryimages").glob("*.jpg"))) == 1 + 1 + 2 + 2
+
+
+def test_frame_benchmark_pairs_framed_photos_with_pages_only_as_copies(tmp_path: Path) -> None:
+    """Frame-only queries copy no reference; a page copy and a framed copy point to the page
+    their photo is in, and the pages use none of the query frames' words."""
+    from data.edits import WORDS
+    from data.make_frames import PAGE_WORDS, make_frames
+
+    out = make_frames(DATA / "referenceimages", tmp_path / "frames", n_refs=6, n_frame_only=4,
+                      n_page_copies=3, n_framed_copies=3, seed=1, max_side=300)
+    gt = {r["query_id"]: r["reference_id"] for r in read_csv(out / "gt.csv")}
+    edits = {r["query_id"]: r["edits"] for r in read_csv(out / "edits.csv")}
+    kinds = [e.split("+")[0] for e in edits.values()]
+    assert (kinds.count("frame_only"), kinds.count("page_copy"), kinds.count("framed_copy")) \
+        == (4, 3, 3)
+    for qid, label in edits.items():
+        assert (gt[qid] == "") == label.startswith("frame_only"), label
+        if not label.startswith("page_copy"):
+            assert label.split("+")[-1] in ("screenshot", "meme", "pad")
+    assert not set(PAGE_WORDS) & set(WORDS)
+    pages = sorted((out / "referenceimages").glob("*.jpg"))
+    assert len(pages) == 6 and all(Image.open(p).width >= 600 for p in pages)
 
 
 def test_groups_are_connected_components() -> None:
