@@ -5,18 +5,18 @@
 
 The groups are different training photos of one setting (garments on one floor, bed or
 hanger; one animal in one room): ``data/lookalike_groups.csv``, mined from ``photos/`` by
-``make lookalike-groups``, and ``data/more_photos_groups.csv``, garments on one backdrop found
-among ``more_photos/`` (the pipeline run on them against themselves, its pairs of different
-photos with some local evidence or a fused score of 0.05 or more, checked on contact sheets
-by eye). Each group is fitted on or only measured *as a
-whole*: a group is ``fit`` when any of its photos has been fitted on (the ``fit`` part of
-``--fitted`` by ``data.split``: the shipped local score took its look-alike groups from
-there), ``measure`` otherwise. The benchmark (``data.make_lookalike``'s layout, no made
-look-alikes) holds the ``measure`` groups, and fillers (more references, their copies,
-distractors) from the photos in no group outside ``--fitted``. Its look-alike queries are the
-photos as taken (another photo of a setting is not an edit of it); copies are edited as in
-``data.make_benchmark``. Nothing in it was ever fitted on, not even one photo of a group.
-``<out>/photos/`` links the photos it was drawn from.
+``make lookalike-groups``, and ``data/more_photos_groups.csv``, garments on one backdrop among
+``more_photos/``, checked by eye (found on contact sheets of the pipeline's pairs of
+``more_photos/`` against itself and of every photo larger than its 224-px scenes).
+
+Each group is fitted on or only measured *as a whole*. The shipped calibrations drew their
+references, copies, distractors and look-alikes from the whole ``--fitted`` folder, so a
+group with any photo there is ``fit`` (``group_parts``); the others are ``measure``. The
+benchmark (``data.make_lookalike``'s layout, no made look-alikes) holds the ``measure``
+groups and fillers (more references, their copies, distractors) from the photos in no group
+outside ``--fitted``: nothing in it was fitted on. Its look-alike queries are the photos as
+taken (another photo of a setting is not an edit of it); copies are edited as in
+``data.make_benchmark``. ``<out>/photos/`` links the photos it was drawn from.
 """
 
 from __future__ import annotations
@@ -31,13 +31,12 @@ from pathlib import Path
 from common import cli
 from common.images import list_images
 from common.io import read_csv, write_csv
+from data.make_benchmark import clear_outputs
 from data.make_lookalike import GROUPS, make_lookalike
-from data.split import part_of
 
 log = logging.getLogger(__name__)
 
 MORE_GROUPS = Path(__file__).with_name("more_photos_groups.csv")
-CALIB_FRACTION = 1 / 3  # data.split's default, as the shipped models were fitted with
 
 
 def group_parts(groups: dict[str, list[str]], fitted: set[str]) -> dict[str, str]:
@@ -74,16 +73,17 @@ def make_same_setting(photo_folders: Sequence[str | Path], fitted: str | Path, o
     by_id = {p.stem: p for p in paths}
     if len(by_id) < len(paths):
         raise ValueError("two photo folders hold photos of one id: give folders of other ids")
+    clear_outputs(out, force)
+    fitted_ids = set(list_images(fitted).ids)
     members = read_group_ids(groups)
-    fitted_folder = set(list_images(fitted).ids)
-    parts = group_parts(members, {i for i in fitted_folder if part_of(i, CALIB_FRACTION) == "fit"})
-    measured = {g for g, part in parts.items() if part == "measure"}
+    measured = sorted(g for g, part in group_parts(members, fitted_ids).items()
+                      if part == "measure")
     grouped = {p for m in members.values() for p in m}
-    chosen = [by_id[p] for g in sorted(measured) for p in members[g] if p in by_id]
-    fillers = [by_id[i] for i in sorted(by_id) if i not in grouped and i not in fitted_folder]
+    chosen = [by_id[p] for g in measured for p in members[g] if p in by_id]
+    fillers = [by_id[i] for i in sorted(by_id) if i not in grouped and i not in fitted_ids]
     folder = link_photos(chosen + fillers, out / "photos")
     measure_csv = write_csv(out / "groups.csv", ("group", "photo"),
-                            [(g, p) for g in sorted(measured) for p in members[g]])
+                            [(g, p) for g in measured for p in members[g]])
     log.info("%d of %d groups held out whole (%d photos), %d filler photos", len(measured),
              len(members), len(chosen), len(fillers))
     return make_lookalike(folder, out, measure_csv, 0, n_refs, n_positives, n_distractors,
@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--photos", type=Path, nargs="+", required=True,
                         help="training photo folders (ids unique across them)")
     parser.add_argument("--fitted", type=Path, required=True,
-                        help="the photo folder whose fit part the shipped models were fitted on")
+                        help="the photo folder the shipped calibrations drew from")
     parser.add_argument("--out", type=Path, required=True, help="benchmark folder to write")
     parser.add_argument("--groups", type=Path, nargs="+", default=[GROUPS, MORE_GROUPS],
                         help="CSVs group,photo of real look-alikes")

@@ -17,7 +17,6 @@ from data.edits import apply_edit, onto_bg, random_chain, small_copy_chain, then
 from data.make_benchmark import make_benchmark
 from data.make_lookalike import made_pair, make_lookalike, read_groups
 from data.mine_lookalikes import groups_of
-from data.split import part_of
 from evaluation.isc_metric import evaluate, load_ground_truth, load_predictions
 from local_fea.features import ImageFeatures, extract_image
 from match_score.geometry import verify
@@ -147,31 +146,35 @@ def test_look_alike_benchmark_never_makes_a_look_alike_a_reference(tmp_path: Pat
 
 
 def test_same_setting_benchmark_holds_out_whole_groups_never_fitted_on(tmp_path: Path) -> None:
-    """A group with one photo in the fitted folder's fit part is left out whole; the others
-    are measured, with fillers from outside the fitted folder only."""
+    """A group with one photo in the fitted folder is left out whole; the others are
+    measured, and no photo of the fitted folder is a filler."""
     from data.same_setting import make_same_setting
 
     refs = demo_references()
     fitted, more = tmp_path / "fitted", tmp_path / "more"
     fitted.mkdir()
     more.mkdir()
-    in_fit = next(p for p in refs if part_of(p.stem, 1 / 3) == "fit")
-    shutil.copy(in_fit, fitted)
-    others = [p for p in refs if p != in_fit]
-    for path in others[:14]:
+    for path in refs[:2]:  # a group member and a photo in no group
+        shutil.copy(path, fitted)
+    for path in refs[2:16]:
         shutil.copy(path, more)
     groups = tmp_path / "groups.csv"
-    write_csv(groups, ("group", "photo"), [("G0", in_fit.stem), ("G0", others[0].stem),
-                                           ("G1", others[1].stem), ("G1", others[2].stem)])
+    write_csv(groups, ("group", "photo"), [("G0", refs[0].stem), ("G0", refs[2].stem),
+                                           ("G1", refs[3].stem), ("G1", refs[4].stem)])
     out = make_same_setting([fitted, more], fitted, tmp_path / "bench", [groups], n_refs=4,
                             n_positives=2, n_distractors=2, seed=0)
-    assert read_csv(out / "groups.csv") == [{"group": "G1", "photo": others[1].stem},
-                                            {"group": "G1", "photo": others[2].stem}]
+    assert read_csv(out / "groups.csv") == [{"group": "G1", "photo": refs[3].stem},
+                                            {"group": "G1", "photo": refs[4].stem}]
     linked = {p.stem for p in (out / "photos").iterdir()}
-    assert in_fit.stem not in linked and others[0].stem not in linked  # G0 is left out whole
+    assert not linked & {refs[0].stem, refs[1].stem, refs[2].stem}  # G0 whole, no fitted one
+    assert len(linked) == 14 - 1
     labels = [r["edits"] for r in read_csv(out / "edits.csv")]
     assert labels.count("lookalike_real") == 1  # G1's look-alike, as taken: no edit
     assert len(list((out / "queryimages").glob("*.jpg"))) == 1 + 1 + 2 + 2
+    with pytest.raises(FileExistsError, match="force"):  # an existing benchmark is kept
+        make_same_setting([fitted, more], fitted, out, [groups], n_refs=4, n_positives=2,
+                          n_distractors=2, seed=1)
+    assert {p.stem for p in (out / "photos").iterdir()} == linked
 
 
 def test_frame_benchmark_pairs_framed_photos_with_pages_only_as_copies(tmp_path: Path) -> None:
