@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 
 import pipeline
+from calibration import save_fitted
 from common import cli
-from common.config import REPO_ROOT, digest
+from common.config import digest
 from common.images import list_images
 from common.io import read_csv
 from common.logs import start_run
@@ -34,6 +35,7 @@ from merge.branches import selected
 from merge.features import PairTable, gather
 from merge.fusion import FusionModel
 
+MODEL_KEY = "merge.fusion_model"  # the setting naming the shipped model
 BENCHMARK = {"n_refs": 200, "n_positives": 200, "n_distractors": 150, "seed": 3}
 LOOKALIKE = {"groups": None, "n_made": 100, "n_refs": 100, "n_positives": 100,
              "n_distractors": 50, "seed": 4}
@@ -80,14 +82,12 @@ def main(conf: dict[str, Any], photos: str | Path, work_dir: str | Path,
                         len(labels), labels.sum(), features)
         model = FusionModel.fit_matrix(x, labels, features,
                                        f"{photos} calib part {BENCHMARK} {LOOKALIKE}")
-        out = Path(out) if out else REPO_ROOT / conf["merge"]["fusion_model"]
-        model.save(out)
-        run.logger.info("coefficients %s -> %s", model.weights(), out)
+        out = save_fitted(model, out, conf, MODEL_KEY, run.logger)
     return out
 
 
 COMMAND = cli.Command(
-    "calibrate-fusion", __doc__, lambda p: cli.add_fit_args(p, "merge.fusion_model"),
+    "calibrate-fusion", __doc__, lambda p: cli.add_fit_args(p, MODEL_KEY),
     lambda conf, a: main(conf, a.photos, a.work, a.out))
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 
 import pipeline
+from calibration import save_fitted
 from common import cli
-from common.config import REPO_ROOT, digest, file_digest
+from common.config import digest, file_digest
 from common.images import list_images
 from common.io import read_csv
 from common.logs import start_run
@@ -33,6 +34,7 @@ from data.split import split_photos
 from match_score import verify
 from match_score.score import ScoreModel
 
+MODEL_KEY = "match_score.score_model"  # the setting naming the shipped model
 BENCHMARK = {"n_refs": 600, "n_positives": 450, "n_distractors": 450, "seed": 2021}
 LOOKALIKE = {"n_made": 150, "n_refs": 200, "n_positives": 200, "n_distractors": 100, "seed": 12}
 
@@ -98,14 +100,12 @@ def main(conf: dict[str, Any], photos: str | Path, work_dir: str | Path,
         run.logger.info("fitting on %d pairs (%d copies, %d non-copies)", len(keep),
                         by_label[1], by_label[0])
         model = ScoreModel.fit(keep, labels, trained_on=f"{photos} {BENCHMARK} {LOOKALIKE}")
-        out = Path(out) if out else REPO_ROOT / conf["match_score"]["score_model"]
-        model.save(out)
-        run.logger.info("coefficients %s -> %s", model.weights(), out)
+        out = save_fitted(model, out, conf, MODEL_KEY, run.logger)
     return out
 
 
 COMMAND = cli.Command(
-    "calibrate", __doc__, lambda p: cli.add_fit_args(p, "match_score.score_model"),
+    "calibrate", __doc__, lambda p: cli.add_fit_args(p, MODEL_KEY),
     lambda conf, a: main(conf, a.photos, a.work, a.out))
 
 if __name__ == "__main__":

@@ -80,16 +80,15 @@ class RunLog:
     def close(self, error: BaseException | None = None) -> Path:
         """Write ``skipped.csv`` and say that the stage is done, or that ``error`` stopped it
         (then a report that cannot be written, on a full disk, is left out)."""
-        report, rows = self.folder / "skipped.csv", [(s.item, s.path, s.reason)
-                                                     for s in self.skipped]
+        report = self.folder / "skipped.csv"
         try:
+            with contextlib.suppress(OSError) if error else contextlib.nullcontext():
+                write_csv(report, SKIP_COLUMNS, [(s.item, s.path, s.reason)
+                                                 for s in self.skipped])
             if error is None:
-                write_csv(report, SKIP_COLUMNS, rows)
                 self.logger.info("%s done: %d input(s) skipped, report %s", self.stage,
                                  len(self.skipped), report)
             else:
-                with contextlib.suppress(OSError):
-                    write_csv(report, SKIP_COLUMNS, rows)
                 self.logger.warning("%s stopped (%s): %d input(s) skipped so far",
                                     self.stage, one_line(error), len(self.skipped))
         finally:

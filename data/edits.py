@@ -113,19 +113,19 @@ def _warp(img: Image.Image, transform: np.ndarray, fill: RGB) -> Edited:
 # ---------------------------------------------------------------- drawing helpers
 
 
-def _colour(rng: Rng) -> RGB:
-    """A random RGB colour."""
-    return tuple(int(v) for v in rng.integers(0, 256, 3))
+def random_colour(rng: Rng, lo: int = 0, hi: int = 256) -> RGB:
+    """A random RGB colour, each channel in [``lo``, ``hi``)."""
+    return tuple(int(v) for v in rng.integers(lo, hi, 3))
 
 
 def _fill(rng: Rng) -> RGB:
     """Border fill: black, white or a random colour."""
     choice = rng.integers(3)
-    return ((0, 0, 0), (255, 255, 255), _colour(rng))[choice]
+    return ((0, 0, 0), (255, 255, 255), random_colour(rng))[choice]
 
 
 @lru_cache(maxsize=32)
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def builtin_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     """PIL's built-in font at ``size`` px (offline; bitmap fallback without FreeType)."""
     try:
         return ImageFont.load_default(size=size)
@@ -133,9 +133,9 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def _words(rng: Rng, lo: int, hi: int) -> str:
-    """Between ``lo`` and ``hi`` random words."""
-    return " ".join(rng.choice(WORDS, int(rng.integers(lo, hi + 1))))
+def random_words(rng: Rng, lo: int, hi: int, vocabulary: Sequence[str] = WORDS) -> str:
+    """Between ``lo`` and ``hi`` random words of ``vocabulary``."""
+    return " ".join(rng.choice(vocabulary, int(rng.integers(lo, hi + 1))))
 
 
 def _texture(rng: Rng, size: tuple[int, int]) -> Image.Image:
@@ -338,7 +338,7 @@ def occlude(img: Image.Image, rng: Rng, backgrounds: Sequence[Path] = ()) -> Edi
     pw = min(w, max(1, round(math.sqrt(area * ratio))))
     ph = min(h, max(1, round(area / pw)))
     if rng.random() < 0.5:
-        patch = Image.new("RGB", (pw, ph), _colour(rng))
+        patch = Image.new("RGB", (pw, ph), random_colour(rng))
     else:
         patch, _ = _resize(_photo(rng, backgrounds, (pw, ph)), (pw, ph))
     out = img.copy()
@@ -355,8 +355,8 @@ def text(img: Image.Image, rng: Rng) -> Edited:
         size = max(10, round(min(w, h) * rng.uniform(0.06, 0.16)))
         xy = (rng.uniform(-0.05, 0.6) * w, rng.uniform(0.0, max(1.0, h - 1.2 * size)))
         stroke = int(rng.integers(0, 3)) * max(1, size // 15)
-        draw.text(xy, _words(rng, 1, 4), fill=_colour(rng), font=_font(size),
-                  stroke_width=stroke, stroke_fill=_colour(rng))
+        draw.text(xy, random_words(rng, 1, 4), fill=random_colour(rng), font=builtin_font(size),
+                  stroke_width=stroke, stroke_fill=random_colour(rng))
     return _identity(out, "text")
 
 
@@ -376,7 +376,7 @@ def _draw_emoji(kind: str, size: int, rng: Rng) -> Image.Image:
         t = np.pi / 5 * np.arange(10) - np.pi / 2
         r = np.where(np.arange(10) % 2 == 0, 0.48, 0.2) * s
         pts = list(zip(s / 2 + r * np.cos(t), s / 2 + r * np.sin(t) + s * 0.03, strict=True))
-        d.polygon(pts, fill=(*_colour(rng)[:2], 40, 255), outline=ink, width=s // 40)
+        d.polygon(pts, fill=(*random_colour(rng)[:2], 40, 255), outline=ink, width=s // 40)
     else:
         t = np.linspace(0, 2 * np.pi, 120)
         x, y = 16 * np.sin(t) ** 3, 13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t)
@@ -403,9 +403,9 @@ def _fit_font(
     draw: ImageDraw.ImageDraw, line: str, width: int, size: int
 ) -> ImageFont.FreeTypeFont:
     """The largest built-in font size <= ``size`` whose rendering of ``line`` fits ``width``."""
-    while size > 8 and draw.textlength(line, font=_font(size)) > width:
+    while size > 8 and draw.textlength(line, font=builtin_font(size)) > width:
         size = int(size * 0.85)
-    return _font(size)
+    return builtin_font(size)
 
 
 def meme(img: Image.Image, rng: Rng) -> Edited:
@@ -420,7 +420,7 @@ def meme(img: Image.Image, rng: Rng) -> Edited:
     canvas.paste(img, (0, top))
     draw = ImageDraw.Draw(canvas)
     for y0 in [y for y, on in ((0, top), (top + h, bottom)) if on]:
-        line = _words(rng, 2, 6).upper() if rng.random() < 0.5 else _words(rng, 2, 6)
+        line = random_words(rng, 2, 6).upper() if rng.random() < 0.5 else random_words(rng, 2, 6)
         font = _fit_font(draw, line, int(w * 0.92), int(band * 0.55))
         draw.text((w / 2, y0 + band / 2), line, fill=ink, font=font, anchor="mm")
     return Edited(canvas, "meme", translation(0, top))
@@ -469,7 +469,7 @@ def stripes(img: Image.Image, rng: Rng) -> Edited:
     for start in rng.choice(max(1, side - width), n, replace=False):
         box = (0, start, w, start + width) if horizontal else (start, 0, start + width, h)
         draw.rectangle(box, fill=round(255 * rng.uniform(0.4, 0.9)))
-    return _identity(Image.composite(Image.new("RGB", img.size, _colour(rng)), img, mask),
+    return _identity(Image.composite(Image.new("RGB", img.size, random_colour(rng)), img, mask),
                      f"stripes{n}")
 
 
@@ -477,7 +477,7 @@ def opacity(img: Image.Image, rng: Rng, backgrounds: Sequence[Path] = ()) -> Edi
     """Blend a photo (or a flat colour) over the whole image at 20-45% opacity."""
     alpha = rng.uniform(0.2, 0.45)
     top = (_photo(rng, backgrounds, img.size) if rng.random() < 0.6
-           else Image.new("RGB", img.size, _colour(rng)))
+           else Image.new("RGB", img.size, random_colour(rng)))
     return _identity(Image.blend(img, top.resize(img.size), alpha), f"opacity{alpha:.2f}")
 
 

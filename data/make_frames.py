@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from common import cli
-from data.edits import Edited, _font, apply_edit, random_chain
+from data.edits import Edited, apply_edit, builtin_font, random_chain, random_colour, random_words
 from data.make_benchmark import Query, clear_outputs, write_benchmark
 from data.make_lookalike import LIGHT_KINDS
 from data.photos import load_photo, readable_photos
@@ -47,15 +47,14 @@ Rng = np.random.Generator
 
 
 def _words(rng: Rng, lo: int, hi: int) -> str:
-    """Between ``lo`` and ``hi`` random page words."""
-    return " ".join(rng.choice(PAGE_WORDS, int(rng.integers(lo, hi + 1))))
+    return random_words(rng, lo, hi, PAGE_WORDS)
 
 
 def _lines(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], rng: Rng, size: int,
            ink: tuple[int, int, int]) -> None:
     """Paragraphs of random words filling ``box`` (x0, y0, x1, y1)."""
     x0, y0, x1, y1 = box
-    font = _font(size)
+    font = builtin_font(size)
     y = y0
     while y + size < y1:
         line = _words(rng, 3, 12)
@@ -66,8 +65,7 @@ def _lines(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], rng: Rng, 
 
 
 def _colour(rng: Rng, dark: bool) -> tuple[int, int, int]:
-    lo, hi = (20, 110) if dark else (150, 245)
-    return tuple(int(v) for v in rng.integers(lo, hi, 3))
+    return random_colour(rng, *((20, 110) if dark else (150, 245)))
 
 
 def web_page(photo: Image.Image, rng: Rng) -> Image.Image:
@@ -86,13 +84,13 @@ def web_page(photo: Image.Image, rng: Rng) -> Image.Image:
     draw = ImageDraw.Draw(page)
     draw.rectangle((0, 0, width, header), fill=_colour(rng, True))
     draw.text((margin, header // 3), _words(rng, 1, 2).upper(), fill=(255, 255, 255),
-              font=_font(header // 3))
+              font=builtin_font(header // 3))
     for i in range(int(rng.integers(3, 6))):
         draw.text((width - side + i * side // 5, header // 2), _words(rng, 1, 1),
-                  fill=(230, 230, 230), font=_font(13))
+                  fill=(230, 230, 230), font=builtin_font(13))
     y = header + margin
     draw.text((margin, y), _words(rng, 3, 7).capitalize(), fill=(20, 20, 20),
-              font=_font(title))
+              font=builtin_font(title))
     y += title * 2
     page.paste(shot, (margin, y))
     _lines(draw, (margin, y + shot.height + margin, margin + content, height - margin), rng,
@@ -108,9 +106,7 @@ def web_page(photo: Image.Image, rng: Rng) -> Image.Image:
 def poster(photo: Image.Image, rng: Rng) -> Image.Image:
     """A poster: the photo full width, a coloured band with a large title, small print."""
     width = int(rng.integers(600, 820))
-    shot = photo.copy()
-    shot.thumbnail((width, width * 2))
-    shot = shot.resize((width, int(shot.height * width / shot.width)))
+    shot = photo.resize((width, round(photo.height * width / photo.width)))
     band, foot = int(rng.integers(110, 190)), int(rng.integers(50, 90))
     page = Image.new("RGB", (width, shot.height + band + foot), _colour(rng, True))
     top = rng.random() < 0.5
@@ -118,7 +114,7 @@ def poster(photo: Image.Image, rng: Rng) -> Image.Image:
     draw = ImageDraw.Draw(page)
     y = 0 if top else shot.height
     draw.text((width // 2, y + band // 2), _words(rng, 1, 3).upper(), fill=(255, 255, 255),
-              font=_font(band // 3), anchor="mm")
+              font=builtin_font(band // 3), anchor="mm")
     _lines(draw, (20, page.height - foot + 10, width - 20, page.height - 5), rng, 14,
            (220, 220, 220))
     return page
@@ -135,12 +131,12 @@ def text_page(photo: Image.Image, rng: Rng) -> Image.Image:
     x = 30 if rng.random() < 0.5 else 60 + column
     y = int(rng.integers(60, height - shot.height - 60))
     page.paste(shot, (x, y))
-    for x0 in (30, 60 + column):
-        for y0, y1 in ((30, y - 20), (y + shot.height + 20, height - 30)) if x0 == x else (
-                (30, height - 30),):
-            if y1 - y0 > 20:
-                _lines(draw, (x0, y0, x0 + column, y1), rng, int(rng.integers(12, 16)),
-                       (30, 30, 30))
+    other = 90 + column - x  # the column without the photo
+    spans = [(x, 30, y - 20), (x, y + shot.height + 20, height - 30), (other, 30, height - 30)]
+    for x0, y0, y1 in sorted(spans, key=lambda span: span[0]):  # left column first
+        if y1 - y0 > 20:
+            _lines(draw, (x0, y0, x0 + column, y1), rng, int(rng.integers(12, 16)),
+                   (30, 30, 30))
     return page
 
 

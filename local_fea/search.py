@@ -136,7 +136,7 @@ def open_searcher(conf: dict[str, Any], references: ShardStore, index_path: Path
                        removed_ids(references), conf["query_batch"])
 
 
-def search_part(k: int, conf: dict[str, Any], queries: str, references: str, revision: str,
+def search_part(k: int, conf: dict[str, Any], queries: str, references: str,
                 index_path: str | None, parts: str, shared: str) -> int:
     """A task on a Dask worker: search query shard ``k`` and write its part; return its
     number of rows. The worker's threads share one reference store and searcher (read once
@@ -145,9 +145,9 @@ def search_part(k: int, conf: dict[str, Any], queries: str, references: str, rev
 
     faiss.omp_set_num_threads(1)
     index = None if index_path is None else Path(index_path)
-    ref_store, searcher = worker_resource(
-        shared, (references, revision, index_path, digest(conf)),
-        lambda: (store := ShardStore(references), open_searcher(conf, store, index)))
+    ref_store, searcher = worker_resource(  # one stage call per block: one searcher
+        shared, "searcher", lambda: (store := ShardStore(references),
+                                     open_searcher(conf, store, index)))
     query_store = ShardStore(queries)
     out = part_path(Path(parts), k, query_store, ref_store)
     return search_shard(k, query_store, ref_store, searcher, conf, out)
@@ -213,7 +213,7 @@ def main(conf: dict[str, Any], queries: Path, references: Path, work_dir: str | 
             with shared_on_workers(client) as shared:
                 task = functools.partial(
                     search_part, conf=sconf, queries=str(query_store.root),
-                    references=str(ref_store.root), revision=ref_store.revision,
+                    references=str(ref_store.root),
                     index_path=None if index_path is None else str(index_path),
                     parts=str(out / "parts"), shared=shared)
                 for _ in parallel_map(task, todo, desc="local search", unit="shard"):

@@ -121,15 +121,21 @@ class Branch:
 
     evidence: BranchEvidence
     run: Callable[[dict[str, Any], ImageSet, ImageSet, Path, Record], Outputs]
+    sections: tuple[str, ...]  # the settings of its stages (devices checked before any work)
 
     @property
     def name(self) -> str:
         return self.evidence.name
 
 
-RUNS = {"local": run_local, "global": run_global, "crop_local": run_crop_local,
-        "crop_global": run_crop_global}
-BRANCHES = {name: Branch(fusion_branches.BRANCHES[name], run) for name, run in RUNS.items()}
+LOCAL = ("local_fea", "local_search", "match_score")
+GLOBAL = ("global_fea", "global_search")
+DETECT = ("preprocess",)
+RUNS = {"local": (run_local, LOCAL), "global": (run_global, GLOBAL),
+        "crop_local": (run_crop_local, DETECT + LOCAL),
+        "crop_global": (run_crop_global, DETECT + GLOBAL)}
+BRANCHES = {name: Branch(fusion_branches.BRANCHES[name], run, sections)
+            for name, (run, sections) in RUNS.items()}
 
 
 def selected(names: Sequence[str]) -> list[Branch]:
@@ -159,11 +165,12 @@ def _run(conf: dict[str, Any], query_set: ImageSet, reference_set: ImageSet, wor
     """``run`` on two listed image sets, the work folder held."""
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     # settings that are wrong only together: stop before any work
-    fusion = fusion_branches.selected(conf["merge"]["branches"])
+    branches = selected(conf["merge"]["branches"])
+    fusion = [b.evidence for b in branches]
     if conf["merge"]["method"] == "fusion":  # a model fitted for other branches
         fuse.fusion_model(conf, fusion)
     concrete_index(conf["local_search"], len(reference_set))  # nprobe auto, an unknown index
-    checks.before_work(conf, query_set, reference_set, work)  # devices, free space
+    checks.before_work(conf, branches, query_set, reference_set, work)  # devices, free space
     record = Record()
     outputs = run_branches(conf, query_set, reference_set, work, record)
     pair_files = {name: o["pairs"] for name, o in outputs.items()}

@@ -10,21 +10,19 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.devices import torch_devices
 from common.images import ImageSet
 from common.knn import select_backend
 
+if TYPE_CHECKING:
+    from pipeline import Branch
+
 log = logging.getLogger(__name__)
 
-# the config sections whose ``device`` each branch uses
-DEVICES = {"global": ("global_fea",), "crop_local": ("preprocess",),
-           "crop_global": ("preprocess", "global_fea")}
-# the search sections each branch uses (their ``gpu: true`` needs a GPU)
-SEARCHES = {"local": "local_search", "crop_local": "local_search", "global": "global_search",
-            "crop_global": "global_search"}
 # bytes a branch writes: per query, per reference, once (the demo set at the default
 # settings, rounded up: local features and their index, descriptors and the ONNX network,
 # detections and crops)
@@ -32,13 +30,14 @@ WRITES = {"local": (180e3, 130e3, 0.0), "global": (15e3, 8e3, 14e6),
           "crop_local": (60e3, 0.0, 0.0), "crop_global": (30e3, 0.0, 0.0)}
 
 
-def check_devices(conf: dict[str, Any], branches: list[str]) -> None:
-    """Resolve the device setting of every stage the branches run, and check that a search
-    that requires GPUs has some (``UserError`` if wrong)."""
-    for section in sorted({s for b in branches for s in DEVICES.get(b, ())}):
-        torch_devices(conf[section]["device"], f"{section}.device")
-    for section in sorted({SEARCHES[b] for b in branches if b in SEARCHES}):
-        if conf[section]["gpu"] not in ("auto", False):  # true needs a GPU; others: a typo
+def check_devices(conf: dict[str, Any], sections: Iterable[str]) -> None:
+    """Resolve the ``device`` of every section that has one, and check that a ``gpu`` other
+    than auto or false (true needs a GPU; anything else is a typo) can be had (``UserError``
+    if wrong)."""
+    for section in sorted(set(sections)):
+        if "device" in conf[section]:
+            torch_devices(conf[section]["device"], f"{section}.device")
+        if conf[section].get("gpu", "auto") not in ("auto", False):
             select_backend(conf[section], section)
 
 
@@ -61,9 +60,9 @@ def check_space(work: Path, need: float) -> None:
                     "it again (finished work is kept)", work, gigabytes(free), gigabytes(need))
 
 
-def before_work(conf: dict[str, Any], queries: ImageSet, references: ImageSet,
-                work: Path) -> None:
+def before_work(conf: dict[str, Any], branches: Sequence[Branch], queries: ImageSet,
+                references: ImageSet, work: Path) -> None:
     """The checks of a run that need its branches and image sets (module docstring)."""
-    branches = list(conf["merge"]["branches"])
-    check_devices(conf, branches)
-    check_space(work, estimated_bytes(branches, len(queries), len(references)))
+    check_devices(conf, (s for b in branches for s in b.sections))
+    check_space(work, estimated_bytes([b.name for b in branches], len(queries),
+                                      len(references)))

@@ -23,6 +23,7 @@ import h5py
 import numpy as np
 import pytest
 
+import pipeline
 from common import UserError, knn
 from common.cli import EXIT_BUG, EXIT_SIGNAL, EXIT_USER_ERROR, ending, report_errors
 from common.config import REPO_ROOT, load_config
@@ -332,11 +333,16 @@ def test_a_device_torch_cannot_see_stops_the_run_before_any_work(
     assert [p.name for p in work.iterdir()] == [".lock"]
 
 
+def sections(*branches: str) -> list[str]:
+    """The settings sections of the stages of ``branches``."""
+    return [s for b in branches for s in pipeline.BRANCHES[b].sections]
+
+
 def test_a_device_of_a_branch_not_run_is_not_checked(tmp_path: Path) -> None:
     conf = load_config(overrides=["preprocess.device=cuda:99", "global_fea.device=cuda:99"])
-    checks.check_devices(conf, ["local"])
+    checks.check_devices(conf, sections("local"))
     with pytest.raises(UserError, match=r"preprocess\.device=cuda:99"):
-        checks.check_devices(conf, ["local", "crop_local"])
+        checks.check_devices(conf, sections("local", "crop_local"))
 
 
 def test_a_permission_denied_names_the_file_and_another_work_folder_only_for_outputs(
@@ -360,9 +366,9 @@ def test_dask_workers_that_keep_dying_are_one_line() -> None:
 @pytest.mark.skipif(knn.auto_backend().gpu, reason="a GPU is usable here")
 def test_a_search_that_requires_a_gpu_is_refused_before_any_work_without_one() -> None:
     conf = load_config(overrides=["global_search.gpu=true"])
-    checks.check_devices(conf, ["local", "crop_local"])  # no branch searches globally
+    checks.check_devices(conf, sections("local", "crop_local"))  # no global search
     with pytest.raises(UserError, match=r"global_search\.gpu is true but no GPU is usable"):
-        checks.check_devices(conf, ["local", "global"])
+        checks.check_devices(conf, sections("local", "global"))
 
 
 def test_free_space_that_looks_short_is_a_warning(tmp_path: Path,
