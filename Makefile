@@ -22,7 +22,7 @@ SETTINGS = $(if $(CONFIG),--config $(CONFIG)) $(OPTS)
 ARGS = --work $(WORK) $(SETTINGS)
 
 .PHONY: install demo all eval report test test-fast lint gpu-check bench-pipeline bench bench-global bench-detect bench-scale capacity \
-	train-index calibrate hard-sets same-setting frame-set lookalike-groups train-split train-global global-assets calibrate-fusion \
+	train-index calibrate hard-sets same-setting frame-set lookalike-groups train-split more-split train-verifier train-global global-assets calibrate-fusion \
 	train-detector clean
 
 install: $(VENV)/.installed
@@ -124,17 +124,30 @@ hard-sets: train-split
 	$(PY) -m data.make_benchmark --photos $(WORK)/trainsplit/calib --out $(WORK)/smallcopy \
 		--refs 250 --positives 200 --distractors 100 --seed 10 --chain small_copy --force
 
+# more_photos split by id: fit/ (the pair verifier trains on it), calib/ (only measures: every
+# photo of data/more_photos_groups.csv and about half of the others).
+MORE_PHOTOS ?= ../shared/trainset/more_photos
+more-split: install
+	$(PY) -m data.split --photos $(MORE_PHOTOS) --out $(WORK)/moresplit --calib-fraction 0.5 \
+		--hold-out data/more_photos_groups.csv
+
 # Real photos of one setting, whole groups held out: the groups never fitted on, among edited
 # copies and distractors from photos nothing was fitted on (docs/results.md).
-MORE_PHOTOS ?= ../shared/trainset/more_photos
-same-setting: install
-	$(PY) -m data.same_setting --photos $(TRAIN_PHOTOS) $(MORE_PHOTOS) --fitted $(TRAIN_PHOTOS) \
-		--out $(WORK)/samesetting --force
+same-setting: more-split
+	$(PY) -m data.same_setting --photos $(TRAIN_PHOTOS) $(WORK)/moresplit/calib \
+		--fitted $(TRAIN_PHOTOS) --out $(WORK)/samesetting --force
 
 # Framed queries (screenshot, meme, pad) against references that are pages and posters made
 # from photos nothing was fitted on (docs/results.md).
-frame-set: install
-	$(PY) -m data.make_frames --photos $(MORE_PHOTOS) --out $(WORK)/frames --force
+frame-set: more-split
+	$(PY) -m data.make_frames --photos $(WORK)/moresplit/calib --out $(WORK)/frames --force
+
+# The pair verifier (match_score/assets/pair_net.safetensors + .json, and
+# docs/pair_net_curve.png) from the fit photos and more_photos' fit part; measured also on the
+# same-setting and frame sets, which it never trains on.
+train-verifier: same-setting frame-set
+	$(COPYDET) train-verifier --photos $(TRAIN_PHOTOS) --more-photos $(WORK)/moresplit/fit \
+		--measure $(WORK)/samesetting $(WORK)/frames $(ARGS)
 
 # The real look-alike groups (data/lookalike_groups.csv): the pipeline on the training photos
 # against themselves, pairs of different photos scoring >= 0.5, less data/same_photo.csv.

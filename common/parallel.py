@@ -24,6 +24,7 @@ import itertools
 import logging
 import multiprocessing
 import os
+import sys
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -68,10 +69,13 @@ def spread(items: Sequence[T], n: int) -> list[list[T]]:
 
 
 def limit_threads() -> None:
-    """Keep OpenCV and Faiss to one thread inside a worker, so workers do not oversubscribe."""
+    """Keep OpenCV, Faiss and torch (when loaded) to one thread inside a worker, so workers do
+    not oversubscribe."""
     import cv2
 
     cv2.setNumThreads(1)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
     try:
         import faiss
 

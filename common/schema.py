@@ -45,6 +45,7 @@ DEVICE = Rule(kind=(str, int, list))
 RULES: dict[str, Rule] = {
     "run.shard_size": COUNT,
     "run.scheduler": Rule(kind=(str, type(None))),
+    "match_score.pair_model": Rule(kind=(str, type(None))),
     "run.lock_wait_s": Rule(low=0, kind=NUMBER),
     "local_fea.short_side": Rule(low=32),
     "local_fea.max_keypoints": COUNT,

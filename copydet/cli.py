@@ -15,6 +15,7 @@ import argparse
 from collections.abc import Sequence
 
 import calibration.fusion
+import calibration.pair_net
 import calibration.score
 import evaluation.report
 import global_fea.extract
@@ -39,7 +40,7 @@ COMMANDS: tuple[Command, ...] = (
     merge.fuse.COMMAND,
     match_score.visualize.COMMAND,
     local_fea.train_index.COMMAND, calibration.score.COMMAND, global_fea.whiten.COMMAND,
-    calibration.fusion.COMMAND,
+    calibration.fusion.COMMAND, calibration.pair_net.COMMAND,
     preprocess.evaluate.COMMAND,
     evaluation.report.COMMAND,
 )

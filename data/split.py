@@ -9,7 +9,10 @@
   source photo among the query's nearest training photos and learn wrong weights.
 
 A photo's part depends only on its id (a hash of the file stem), so the split is the same on
-every machine and stable when photos are added.
+every machine and stable when photos are added. ``--hold-out`` puts every photo of the groups
+of a ``group,photo`` CSV in ``calib/``: ``make more-split`` splits ``more_photos/`` so that the
+pair verifier trains on its ``fit/`` part and the benchmarks of real look-alikes and frames
+(``data.same_setting``, ``data.make_frames``) measure with whole groups it never saw.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+from collections.abc import Collection
 from pathlib import Path
 
 from common.images import list_images
+from common.io import read_csv
 
 PARTS = ("fit", "calib")
 
@@ -30,16 +35,18 @@ def part_of(image_id: str, calib_fraction: float) -> str:
     return "calib" if h < calib_fraction else "fit"
 
 
-def split_photos(photos: str | Path, out: str | Path,
-                 calib_fraction: float = 1 / 3) -> dict[str, Path]:
-    """Make ``out/fit`` and ``out/calib`` (links to the photos); return both folders."""
+def split_photos(photos: str | Path, out: str | Path, calib_fraction: float = 1 / 3,
+                 held_out: Collection[str] = ()) -> dict[str, Path]:
+    """Make ``out/fit`` and ``out/calib`` (links to the photos; the ids of ``held_out`` all in
+    ``calib``); return both folders."""
     images, out = list_images(photos), Path(out)
     folders = {p: out / p for p in PARTS}
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
     wanted = {}
     for image_id, path in zip(images.ids, images.paths, strict=True):
-        wanted[folders[part_of(image_id, calib_fraction)] / path.name] = path.resolve()
+        part = "calib" if image_id in held_out else part_of(image_id, calib_fraction)
+        wanted[folders[part] / path.name] = path.resolve()
     for folder in folders.values():  # links of photos no longer there, or moved parts
         for link in folder.iterdir():
             if link not in wanted:
@@ -57,8 +64,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--photos", required=True, type=Path, help="training photos")
     parser.add_argument("--out", required=True, type=Path, help="folder for fit/ and calib/")
     parser.add_argument("--calib-fraction", type=float, default=1 / 3)
+    parser.add_argument("--hold-out", type=Path, nargs="*", default=[],
+                        help="CSVs group,photo: their photos all go to calib/")
     args = parser.parse_args(argv)
-    for part, folder in split_photos(args.photos, args.out, args.calib_fraction).items():
+    held_out = {r["photo"] for csv in args.hold_out for r in read_csv(csv)}
+    for part, folder in split_photos(args.photos, args.out, args.calib_fraction,
+                                     held_out).items():
         print(f"{part}: {len(list(folder.iterdir()))} photos in {folder}")
 
 

@@ -22,6 +22,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+ALIGNED_SIDE = 64  # pixels of each side of a pair aligned for the pair verifier
+ALIGNED_CHANNELS = ("reference", "query", "overlap", "inliers")
 FIELDS = ("matches", "inliers", "inliers_h1", "inliers_h2", "dense_agree", "dense_cells",
           "coverage")
 
@@ -38,6 +40,7 @@ class Verification:
     homography: np.ndarray | None = None
     points: tuple[np.ndarray, np.ndarray] | None = None  # matched (query, reference) positions
     plane: np.ndarray | None = None  # per match: 0 outlier, 1 first homography, 2 second
+    aligned: np.ndarray | None = None  # the pair aligned for the pair verifier (pair_net)
 
     def row(self) -> list:
         """The ``FIELDS`` as written to a pairs file (shares with 4 decimals)."""
@@ -99,10 +102,15 @@ def fit_homography(
     return H, inl.ravel().astype(bool)
 
 
-def _thumb_frame(size: tuple[int, int], thumb: np.ndarray) -> np.ndarray:
-    """Map full-resolution pixel coordinates to thumbnail pixel coordinates."""
-    sx, sy = thumb.shape[1] / size[0], thumb.shape[0] / size[1]
+def rescale(src: tuple[int, int], dst: tuple[int, int]) -> np.ndarray:
+    """Map pixel coordinates of an image of size ``src`` (w, h) to those of the same image
+    resized to ``dst`` (pixel centres kept)."""
+    sx, sy = dst[0] / src[0], dst[1] / src[1]
     return np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1]])
+
+
+def thumb_size(thumb: np.ndarray) -> tuple[int, int]:
+    return thumb.shape[1], thumb.shape[0]
 
 
 def photometric_agreement(
@@ -114,7 +122,8 @@ def photometric_agreement(
     h, w = thumb_r.shape
     if h < cell or w < cell or thumb_q.size == 0:
         return 0.0, 0
-    Ht = _thumb_frame(size_r, thumb_r) @ H @ np.linalg.inv(_thumb_frame(size_q, thumb_q))
+    Ht = rescale(size_r, thumb_size(thumb_r)) @ H @ np.linalg.inv(rescale(size_q,
+                                                                      thumb_size(thumb_q)))
     if not np.isfinite(Ht).all() or abs(np.linalg.det(Ht)) < 1e-9:
         return 0.0, 0
     # compare at the coarser of the two resolutions: blur whichever side is sharper
@@ -170,6 +179,45 @@ def inlier_coverage(H: np.ndarray, inliers: np.ndarray, ref_kpts: np.ndarray,
     return float(np.isin(textured, cells(inliers)).mean())
 
 
+def _standardised(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``x`` less its mean over ``mask``, over its spread there (0 off the mask)."""
+    if mask.sum() < 16:
+        return np.zeros_like(x)
+    values = x[mask]
+    return np.where(mask, (x - values.mean()) / (values.std() + 4.0), 0.0)
+
+
+def aligned_pair(
+    H: np.ndarray, query_image: tuple[np.ndarray, tuple[int, int]],
+    reference_image: tuple[np.ndarray, tuple[int, int]], inliers: np.ndarray,
+) -> np.ndarray | None:
+    """A pair aligned for the pair verifier (``match_score.pair_net``): float16
+    (``ALIGNED_CHANNELS``, ``ALIGNED_SIDE``, ``ALIGNED_SIDE``): the reference, the query
+    warped onto it (both standardised), where the query lies, where the inliers lie; None
+    when the homography is degenerate. ``H`` maps full-resolution query pixels to reference
+    pixels; ``*_image`` are (grey thumbnail, full size); ``inliers``: reference points."""
+    (thumb_q, size_q), (thumb_r, size_r) = query_image, reference_image
+    if thumb_q.size == 0 or thumb_r.size == 0:
+        return None
+    side = (ALIGNED_SIDE, ALIGNED_SIDE)
+    # query thumbnail pixels -> query pixels -> reference pixels -> the aligned grid
+    M = rescale(size_r, side) @ H @ np.linalg.inv(rescale(size_q, thumb_size(thumb_q)))
+    if not np.isfinite(M).all() or abs(np.linalg.det(M)) < 1e-12:
+        return None
+    query = cv2.warpPerspective(thumb_q.astype(np.float32), M, side, flags=cv2.INTER_LINEAR)
+    overlap = cv2.warpPerspective(np.ones_like(thumb_q, np.uint8), M, side,
+                                  flags=cv2.INTER_NEAREST) > 0
+    reference = cv2.resize(thumb_r.astype(np.float32), side, interpolation=cv2.INTER_AREA)
+    points = (np.asarray(inliers, np.float64).reshape(-1, 2) + 0.5) * (side / np.array(size_r))
+    cells = np.clip(np.floor(points).astype(np.int64), 0, ALIGNED_SIDE - 1)
+    density = np.zeros(side, np.float32)
+    np.add.at(density, (cells[:, 1], cells[:, 0]), 1.0)
+    density = np.minimum(cv2.GaussianBlur(density, (0, 0), 1.5) * 8.0, 1.0)
+    return np.stack([_standardised(reference, np.ones(side, bool)),
+                     _standardised(query, overlap), overlap.astype(np.float32),
+                     density]).astype(np.float16)
+
+
 def verify(
     query: tuple[np.ndarray, np.ndarray], reference: tuple[np.ndarray, np.ndarray],
     query_image: tuple[np.ndarray, tuple[int, int]],
@@ -206,4 +254,5 @@ def verify(
                                           reference_image[1], conf["coverage_grid"])
         result.dense_agree, result.dense_cells = photometric_agreement(
             H, *query_image, *reference_image, conf)
+        result.aligned = aligned_pair(H, query_image, reference_image, dst[result.plane > 0])
     return result

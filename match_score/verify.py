@@ -17,25 +17,41 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from common import UserError, cli
-from common.config import REPO_ROOT, digest, output_name
+from common.config import REPO_ROOT, digest, file_digest, output_name
 from common.io import read_csv, write_csv, write_inputs
 from common.logs import start_run
 from common.parallel import limit_threads, parallel_map, spread, workers
 from local_fea.features import LocalFeatures
 from match_score.geometry import FIELDS, Verification, verify
+from match_score.pair_net import MISSING, PairVerifier
 from match_score.score import ScoreModel
 
 STAGE = "match_score"
-PAIR_COLUMNS = ["query_id", "reference_id", "view", "votes", *FIELDS]
-NOT_IN_NAME = ("score_model",)
+PAIR_COLUMNS = ["query_id", "reference_id", "view", "votes", *FIELDS, "pair_logit"]
+NOT_IN_NAME = ("score_model", "pair_model")  # the pair model is named by its file's digest
 Pairs = list[tuple[str, str, str, str]]  # (query_id, reference_id, view, votes)
 TASKS_PER_WORKER = 4  # tasks per worker: a balanced load, and stores opened a few times
 
 
 def match_root(conf: dict[str, Any], search_name: str, work_dir: str | Path) -> Path:
     section = {k: v for k, v in conf[STAGE].items() if k not in NOT_IN_NAME}
-    return Path(work_dir) / STAGE / output_name(section, search_name)
+    return Path(work_dir) / STAGE / output_name(section, search_name,
+                                                pair_model_digest(conf[STAGE]))
+
+
+def pair_model_digest(section: dict[str, Any]) -> str:
+    """What names the pair verifier in output names: its file's digest, or ``none``."""
+    path = section.get("pair_model")
+    return file_digest(REPO_ROOT / path) if path else "none"
+
+
+def pair_verifier(section: dict[str, Any]) -> PairVerifier | None:
+    """The pair verifier of ``match_score.pair_model`` (None when it is null)."""
+    path = section.get("pair_model")
+    return PairVerifier(REPO_ROOT / path) if path else None
 
 
 def candidate_pairs(candidates: Path | list[dict[str, str]]) -> Pairs:
@@ -60,12 +76,16 @@ class ChunkVerifier:
 
     def __call__(self, chunks: list[tuple[int, Pairs]]) -> int:
         """Verify ``chunks`` ((index, pairs) each); return the number of pairs verified."""
+        net = pair_verifier(self.conf)
         limit_threads()
         qf, rf = LocalFeatures(self.queries), LocalFeatures(self.references)
         for index, pairs in chunks:
-            rows = [[q, r, view, votes, *verify_view(qf, rf, q, r, view, self.conf,
-                                                     self.feature_short_side).row()]
-                    for q, r, view, votes in pairs]
+            done = [verify_view(qf, rf, q, r, view, self.conf, self.feature_short_side)
+                    for q, r, view, _ in pairs]
+            logits = (net.logits([v.aligned for v in done]) if net else
+                      np.full(len(done), MISSING))
+            rows = [[q, r, view, votes, *v.row(), f"{logit:.4f}"] for (q, r, view, votes), v,
+                    logit in zip(pairs, done, logits, strict=True)]
             write_csv(chunk_path(self.out_dir, index, pairs), PAIR_COLUMNS, rows)
         return sum(len(pairs) for _, pairs in chunks)
 
@@ -131,6 +151,7 @@ def main(conf: dict[str, Any], queries: Path, references: Path, candidates: Path
     run = start_run(work_dir, f"{STAGE}-{out.parent.name}")
     with run:
         model = ScoreModel.load(REPO_ROOT / conf[STAGE]["score_model"])
+        pair_verifier(conf[STAGE])  # a missing or foreign pair model stops here, not in a task
         pairs = candidate_pairs(candidates)
         run.logger.info("%d candidate (query view, reference) pairs -> %s", len(pairs), out)
         rows = verify_pairs(conf, pairs, Path(queries), Path(references), out.parent / "parts")

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from common import UserError
+from match_score.pair_net import MISSING as PAIR_MISSING
 from merge.evidence import (
     GLOBAL_MISSING,
     LOGIT_FLOOR,
@@ -41,8 +43,9 @@ class BranchEvidence:
 
 
 BRANCHES = {branch.name: branch for branch in [
-    BranchEvidence("local", ("local_logit",), (LOGIT_FLOOR,), PROBABILITY, read_local,
-                   fill_local, gap=True),
+    BranchEvidence("local", ("local_logit", "pair_veto"), (LOGIT_FLOOR, PAIR_MISSING),
+                   PROBABILITY, partial(read_local, with_pair=True),
+                   partial(fill_local, with_pair=True), gap=True),
     BranchEvidence("global", ("global_sim", "global_norm"), GLOBAL_MISSING, SIMILARITY,
                    read_global, fill_global, fill_all=True),
     BranchEvidence("crop_local", ("crop_local_logit",), (LOGIT_FLOOR,), PROBABILITY,

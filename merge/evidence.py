@@ -3,8 +3,11 @@ computed for pairs the branch did not find (the fusion's fills).
 
 - Local-like branches (``local``, ``crop_local``: ``match_score.verify``'s ``pairs.csv``): the
   logit of the calibrated local score of the pair's best view (``LOGIT_FLOOR`` without
-  inliers). A fill verifies the pairs (both query views) with the feature stores named in
-  the ``inputs.json`` beside the pairs file: the expensive fill.
+  inliers) and, for ``local``, the pair verifier's veto on that view: its logit where it says
+  "not a copy", else 0 (``match_score.pair_net``; ``pair_net.MISSING`` without a homography).
+  How sure the verifier is of a copy adds nothing; how sure it is of a non-copy takes a
+  look-alike's evidence back. A fill verifies the pairs (both query views) with the feature
+  stores named in the ``inputs.json`` beside the pairs file: the expensive fill.
 - ``global`` (``global_fea.search``'s ``pairs.csv``): the raw and the normalised similarity.
   A fill is a dot product of the descriptors of the h5 named beside the pairs file: cheap.
 """
@@ -17,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from common import UserError
 from common.config import REPO_ROOT, digest
 from common.io import read_csv, read_inputs
 from global_fea.search import GlobalScorer
@@ -37,9 +41,10 @@ class Evidence:
     scores: dict[Pair, float] = field(default_factory=dict)
 
 
-def local_evidence(rows: list[dict[str, str]], conf: dict[str, Any]) -> Evidence:
+def local_evidence(rows: list[dict[str, str]], conf: dict[str, Any],
+                   with_pair: bool = False) -> Evidence:
     """The best verified view of each pair: its calibrated score and that score's logit
-    (``LOGIT_FLOOR`` without inliers)."""
+    (``LOGIT_FLOOR`` without inliers), and with ``with_pair`` the pair verifier's veto."""
     model = ScoreModel.load(REPO_ROOT / conf["match_score"]["score_model"])
     evidence = Evidence()
     if not rows:
@@ -52,16 +57,25 @@ def local_evidence(rows: list[dict[str, str]], conf: dict[str, Any]) -> Evidence
         if pair not in evidence.scores or prob > evidence.scores[pair] or (
                 prob == evidence.scores[pair] and value > evidence.features[pair][0]):
             evidence.scores[pair] = float(prob)
-            evidence.features[pair] = np.array([value])
+            evidence.features[pair] = np.array(
+                [value, *((pair_veto(row),) if with_pair else ())])
     return evidence
 
 
-def read_local(conf: dict[str, Any], pairs_file: Path) -> Evidence:
-    return local_evidence(read_csv(pairs_file), conf)
+def pair_veto(row: dict[str, str]) -> float:
+    """The pair verifier's logit of a verified row where it is below 0, else 0."""
+    if "pair_logit" not in row:
+        raise UserError("verified pairs without the pair verifier's logit (written by an older "
+                        "version): verify them again (`copydet verify`, or `copydet run`)")
+    return min(float(row["pair_logit"]), 0.0)
+
+
+def read_local(conf: dict[str, Any], pairs_file: Path, with_pair: bool = False) -> Evidence:
+    return local_evidence(read_csv(pairs_file), conf, with_pair)
 
 
 def fill_local(conf: dict[str, Any], pairs_file: Path, pairs: list[Pair], folder: Path,
-               name: str) -> Evidence:
+               name: str, with_pair: bool = False) -> Evidence:
     """Verify ``pairs`` (every query view) with the feature stores that made ``pairs_file``;
     pairs of queries the query store does not hold (no crop) get no evidence."""
     stores = read_inputs(pairs_file)
@@ -70,10 +84,11 @@ def fill_local(conf: dict[str, Any], pairs_file: Path, pairs: list[Pair], folder
     if not pairs:
         return Evidence()
     todo = sorted((q, r, v, "") for q, r in pairs for v in queries.views())
-    out = folder / f"{name}_fill-{digest(todo)}" / "parts"
+    # named by the pairs file too: its path names every setting the pairs were verified with
+    out = folder / f"{name}_fill-{digest(todo, str(Path(pairs_file).resolve()))}" / "parts"
     rows = verify_pairs(conf, todo, stores["queries"], stores["references"], out,
                         desc=f"verify ({name} fill)")
-    return local_evidence(rows, conf)
+    return local_evidence(rows, conf, with_pair)
 
 
 def read_global(conf: dict[str, Any], pairs_file: Path) -> Evidence:

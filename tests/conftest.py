@@ -13,8 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from common.config import REPO_ROOT, load_config
+from local_fea.features import ImageFeatures, extract_image
 
 DATA = REPO_ROOT / "data"
 DEFAULT_INDEX = load_config()["local_search"]["index"]  # the default: "auto"
@@ -36,6 +38,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def demo_references() -> list[Path]:
     return sorted((DATA / "referenceimages").glob("*.jpg"))
+
+
+def demo_photo(i: int, side: int = 480) -> Image.Image:
+    """The ``i``-th demo reference photo, RGB, its long side at most ``side``."""
+    with Image.open(demo_references()[i]) as im:
+        im = im.convert("RGB")
+        im.thumbnail((side, side))
+        return im
+
+
+def described(img: Image.Image, tmp: Path, name: str, query: bool) -> ImageFeatures:
+    """The local features of ``img`` saved as a JPEG under ``tmp`` (a query's: both views)."""
+    path = tmp / f"{name}.jpg"
+    img.save(path, quality=92)
+    return extract_image(path, load_config()["local_fea"], mirror=query)
 
 
 @pytest.fixture

@@ -18,24 +18,11 @@ from data.make_benchmark import make_benchmark
 from data.make_lookalike import made_pair, make_lookalike, read_groups
 from data.mine_lookalikes import groups_of
 from evaluation.isc_metric import evaluate, load_ground_truth, load_predictions
-from local_fea.features import ImageFeatures, extract_image
+from local_fea.features import ImageFeatures
 from match_score.geometry import verify
 from match_score.score import ScoreModel
-from tests.conftest import DATA, demo_references
+from tests.conftest import DATA, demo_photo, demo_references, described
 from tests.test_pipeline import run_pipeline
-
-
-def _photo(i: int, side: int = 480) -> Image.Image:
-    with Image.open(demo_references()[i]) as im:
-        im = im.convert("RGB")
-        im.thumbnail((side, side))
-        return im
-
-
-def _features(img: Image.Image, tmp: Path, name: str, query: bool) -> ImageFeatures:
-    path = tmp / f"{name}.jpg"
-    img.save(path, quality=92)
-    return extract_image(path, load_config()["local_fea"], mirror=query)
 
 
 def _score(query: ImageFeatures, ref: ImageFeatures) -> tuple[float, float]:
@@ -50,7 +37,7 @@ def _score(query: ImageFeatures, ref: ImageFeatures) -> tuple[float, float]:
 
 
 def test_small_copy_chain_pastes_the_photo_small_under_overlays() -> None:
-    img = _photo(0)
+    img = demo_photo(0)
     for seed in range(6):
         out = small_copy_chain(img, np.random.default_rng(seed), max_side=640)
         assert out.label.startswith("onto_bg") and out.label.split("+")[-1].startswith("jpeg")
@@ -66,7 +53,7 @@ def test_made_look_alike_shares_the_background_not_the_object() -> None:
     """Two flat objects (red, blue) on one photo: each view holds its own object over 50-65 %
     of it and none of the other's, and a corner of the background, outside both objects, is
     found again in the other view, shifted."""
-    bg = _photo(1, 640)
+    bg = demo_photo(1, 640)
     red, blue = Image.new("RGB", (200, 150), (255, 0, 0)), Image.new("RGB", (90, 160), (0, 0, 255))
     for seed in range(3):
         ref, lookalike = made_pair(bg, (red, blue), np.random.default_rng(seed))
@@ -93,12 +80,12 @@ def test_a_made_look_alike_scores_below_a_copy_of_the_same_photos(tmp_path: Path
     found = 0
     for seed in range(4):
         rng = np.random.default_rng(seed)
-        bg, a, b = (_photo(i, 640) for i in rng.choice(len(demo_references()), 3, False))
+        bg, a, b = (demo_photo(i, 640) for i in rng.choice(len(demo_references()), 3, False))
         ref_img, lookalike_img = made_pair(bg, (a, b), rng)
         copy_img = random_chain(ref_img, rng, (), (2, 2), ("crop", "color", "jpeg")).image
-        ref = _features(ref_img, tmp_path, f"r{seed}", False)
-        copy_score, copy_cover = _score(_features(copy_img, tmp_path, f"c{seed}", True), ref)
-        look_score, look_cover = _score(_features(lookalike_img, tmp_path, f"l{seed}", True),
+        ref = described(ref_img, tmp_path, f"r{seed}", False)
+        copy_score, copy_cover = _score(described(copy_img, tmp_path, f"c{seed}", True), ref)
+        look_score, look_cover = _score(described(lookalike_img, tmp_path, f"l{seed}", True),
                                          ref)
         assert copy_score > look_score, (seed, copy_score, look_score)
         if look_score > 0:
@@ -111,7 +98,7 @@ def test_small_copy_benchmark_has_small_pastes_only(tmp_path: Path) -> None:
     photos = tmp_path / "photos"
     photos.mkdir()
     for path in demo_references()[:12]:
-        _photo(demo_references().index(path), 300).save(photos / path.name)
+        demo_photo(demo_references().index(path), 300).save(photos / path.name)
     out = make_benchmark(photos, tmp_path / "bench", 4, 3, 2, 0, max_side=300,
                          chain="small_copy")
     edits = read_csv(out / "edits.csv")
@@ -125,7 +112,7 @@ def test_look_alike_benchmark_never_makes_a_look_alike_a_reference(tmp_path: Pat
     photos.mkdir()
     refs = demo_references()[:16]
     for path in refs:
-        _photo(refs.index(path), 300).save(photos / path.name)
+        demo_photo(refs.index(path), 300).save(photos / path.name)
     groups = tmp_path / "groups.csv"
     write_csv(groups, ("group", "photo"), [("G0", refs[0].stem), ("G0", refs[1].stem),
                                            ("G0", refs[2].stem), ("G1", refs[3].stem),
@@ -177,6 +164,29 @@ def test_same_setting_benchmark_holds_out_whole_groups_never_fitted_on(tmp_path:
     assert {p.stem for p in (out / "photos").iterdir()} == linked
 
 
+def test_a_split_keeps_held_out_groups_whole_on_the_measuring_side(tmp_path: Path) -> None:
+    """``make more-split``: every photo of a held-out group goes to calib/ (what only
+    measures), the others by id, the same way on every call; a photo that left the folder
+    leaves the split."""
+    from data.split import part_of, split_photos
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in demo_references()[:20]:
+        shutil.copy(path, photos)
+    ids = sorted(p.stem for p in photos.iterdir())
+    fit_side = [i for i in ids if part_of(i, 0.5) == "fit"][:3]
+    assert len(fit_side) == 3  # some photos the hash alone would put on the training side
+    parts = split_photos(photos, tmp_path / "split", 0.5, held_out=set(fit_side))
+    found = {part: sorted(p.stem for p in folder.iterdir()) for part, folder in parts.items()}
+    assert set(fit_side) <= set(found["calib"]) and not set(fit_side) & set(found["fit"])
+    assert sorted(found["fit"] + found["calib"]) == ids
+    assert all(part_of(i, 0.5) == "fit" for i in found["fit"])
+    (photos / f"{found['fit'][0]}.jpg").unlink()
+    again = split_photos(photos, tmp_path / "split", 0.5, held_out=set(fit_side))
+    assert sorted(p.stem for p in again["fit"].iterdir()) == found["fit"][1:]
+
+
 def test_frame_benchmark_pairs_framed_photos_with_pages_only_as_copies(tmp_path: Path) -> None:
     """Frame-only queries copy no reference; a page copy and a framed copy point to the page
     their photo is in, and the pages use none of the query frames' words."""
@@ -226,12 +236,12 @@ def test_small_pasted_copies_are_found_end_to_end(tmp_path: Path) -> None:
     refs.mkdir()
     queries.mkdir()
     for path in photos[:20]:
-        _photo(photos.index(path), 640).save(refs / path.name)
+        demo_photo(photos.index(path), 640).save(refs / path.name)
     backgrounds = photos[30:]
     rows = []
     for q, source in enumerate([0, 2, 3, 4, 20, 21, 22, 23]):
         rng = np.random.default_rng(q)
-        out = onto_bg(_photo(source, 640), rng, backgrounds, frac_range=(0.35, 0.45))
+        out = onto_bg(demo_photo(source, 640), rng, backgrounds, frac_range=(0.35, 0.45))
         for name in ("text", "jpeg"):
             out = then(out, apply_edit(name, out.image, rng))
         out.image.save(queries / f"Q{q:05d}.jpg", quality=90)

@@ -70,7 +70,8 @@ def test_local_evidence_keeps_the_best_view_and_floors_no_inliers() -> None:
     def row(q, r, view, inliers, matches):
         return {"query_id": q, "reference_id": r, "view": view, "matches": matches,
                 "inliers": inliers, "inliers_h1": inliers, "inliers_h2": 0,
-                "dense_agree": 0.6, "dense_cells": 40, "coverage": 0.6}
+                "dense_agree": 0.6, "dense_cells": 40, "coverage": 0.6,
+                "pair_logit": 2.0 - inliers / 10}
 
     ev = evidence.local_evidence([row("q", "r", "orig", 4, 40), row("q", "r", "mirror", 40, 60),
                                   row("q", "s", "orig", 0, 3)], conf)
@@ -79,6 +80,11 @@ def test_local_evidence_keeps_the_best_view_and_floors_no_inliers() -> None:
     assert ev.features[("q", "r")][0] == pytest.approx(strong.features[("q", "r")][0])
     assert strong.features[("q", "r")][0] > weak.features[("q", "r")][0] > LOGIT_FLOOR
     assert ev.features[("q", "s")][0] == LOGIT_FLOOR and ev.scores[("q", "s")] == 0.0
+    with_pair = evidence.local_evidence([row("q", "r", "orig", 4, 40),
+                                         row("q", "r", "mirror", 40, 60)], conf, with_pair=True)
+    assert with_pair.features[("q", "r")].tolist() == [ev.features[("q", "r")][0], -2.0]
+    weak = evidence.local_evidence([row("q", "r", "orig", 4, 40)], conf, with_pair=True)
+    assert weak.features[("q", "r")][1] == 0.0  # the verifier's "copy" adds nothing
 
 
 def test_fusion_model_is_calibrated_deterministic_and_checked(tmp_path: Path) -> None:
@@ -108,8 +114,8 @@ def test_local_gap_tells_a_copy_from_its_look_alikes_among_a_query_s_pairs() -> 
     gaps = query_gaps(pairs, np.array([6.0, 1.0, -12.0, -3.0]))
     np.testing.assert_array_equal(gaps, [0.0, -5.0, -9.0, 0.0])
     names = feature_names(branches.selected(["local", "global", "crop_global"]))
-    assert names == ["local_logit", "local_logit_gap", "global_sim", "global_norm",
-                     "crop_global_sim", "crop_global_norm"]
+    assert names == ["local_logit", "pair_veto", "local_logit_gap", "global_sim",
+                     "global_norm", "crop_global_sim", "crop_global_norm"]
 
 
 def _pairs_file(path: Path, header: list[str], rows: list[list]) -> Path:
