@@ -173,6 +173,8 @@ def stop(signum: int, frame: object) -> NoReturn:
 
 def ending(err: BaseException, work: Path | None = None) -> tuple[str, int]:
     """The one line (without ``error: ``) and the exit code of a command that ``err`` ends."""
+    if isinstance(err, TerminatedWorkerError) and "SIGINT" in str(err):
+        err = KeyboardInterrupt()  # Ctrl-C ended a worker first (``parallel``)
     if isinstance(err, KeyboardInterrupt):
         signum = getattr(err, "signum", signal.SIGINT)
         name = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else signal.Signals(signum).name

@@ -24,6 +24,7 @@ import itertools
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -66,6 +67,14 @@ def spread(items: Sequence[T], n: int) -> list[list[T]]:
     n = max(1, min(n, len(items)))
     edges = [round(i * len(items) / n) for i in range(n + 1)]
     return [list(items[a:b]) for a, b in itertools.pairwise(edges) if b > a]
+
+
+def interrupts_end_workers() -> None:
+    """A local worker's start: Ctrl-C reaches the whole process group, and a worker then ends
+    at once and silently (Python's default raises ``KeyboardInterrupt`` wherever the worker
+    is, loky's own loop included, and prints its traceback). The command sees its own Ctrl-C,
+    or its worker's death by SIGINT, and ends in one line (``common.cli``)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def limit_threads() -> None:
@@ -175,7 +184,8 @@ def parallel_map(
     if n_jobs == 1 or not tasks:
         results: Iterable[Any] = (fn(t) for t in tasks)
     else:
-        results = Parallel(n_jobs=n_jobs, return_as="generator_unordered")(
+        local = {} if on_dask else {"initializer": interrupts_end_workers}
+        results = Parallel(n_jobs=n_jobs, return_as="generator_unordered", **local)(
             delayed(fn)(t) for t in tasks)
     with tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=0.5) as bar:
         for result in results:

@@ -355,6 +355,18 @@ def test_a_permission_denied_names_the_file_and_another_work_folder_only_for_out
     assert "or use another --work" in line
 
 
+def test_a_worker_ended_by_ctrl_c_ends_the_run_as_ctrl_c() -> None:
+    """Ctrl-C reaches the workers too; one that dies of it first is Ctrl-C, not a crash."""
+    from joblib.externals.loky.process_executor import TerminatedWorkerError
+
+    died = TerminatedWorkerError("A worker process managed by the executor was unexpectedly "
+                                 "terminated. The exit codes of the workers are {SIGINT(-2)}")
+    assert ending(died) == (f"stopped by Ctrl-C (SIGINT): {KEPT}; run the same command again "
+                            "to resume", 130)
+    killed = TerminatedWorkerError("... The exit codes of the workers are {SIGKILL(-9)}")
+    assert ending(killed)[0].startswith("a worker process died (exit codes {SIGKILL(-9)})")
+
+
 def test_dask_workers_that_keep_dying_are_one_line() -> None:
     from distributed.scheduler import KilledWorker
 
