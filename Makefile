@@ -23,7 +23,7 @@ ARGS = --work $(WORK) $(SETTINGS)
 
 .PHONY: install demo all eval report test test-fast lint gpu-check bench-pipeline bench bench-global bench-detect bench-scale capacity \
 	train-index calibrate hard-sets same-setting frame-set lookalike-groups train-split more-split train-verifier train-global global-assets calibrate-fusion \
-	train-detector clean
+	train-detector clean dedupe dedupe-set dedupe-bench calibrate-dedupe
 
 install: $(VENV)/.installed
 
@@ -44,6 +44,20 @@ demo: install
 # `$(COPYDET) <stage>` (README: Stages and commands).
 all: install
 	$(COPYDET) run --queries $(QUERY) --references $(REF) --out $(SUBMISSION) $(ARGS)
+
+# Deduplicate one folder: $(WORK)/dedupe/<folder>-<hash>/ gets pairs.csv, groups.csv,
+# duplicates.json, keep.txt, remove.txt (README: Deduplicate a folder). Nothing is moved.
+IMAGES ?= data/referenceimages
+dedupe: install
+	$(COPYDET) dedupe --images $(IMAGES) $(ARGS)
+
+# The deduplication benchmark (copy groups, real look-alikes, singletons from more_photos,
+# nothing fitted on them), then our command and the peers installed under .peers/ on it.
+dedupe-set: more-split
+	$(PY) -m data.make_dedupe --photos $(WORK)/moresplit/calib --out $(WORK)/dedupe-bench --force
+
+dedupe-bench: dedupe-set
+	nice -n 10 $(PY) -m bench.bench_dedupe --bench $(WORK)/dedupe-bench --work $(WORK)/bench-dedupe
 
 eval: install
 	$(PY) -m evaluation.isc_metric --predictions $(SUBMISSION) --gt $(GT) \
@@ -156,6 +170,10 @@ lookalike-groups: install
 		$(SETTINGS)
 	$(PY) -m data.mine_lookalikes --work $(WORK)/selftrain --photos $(TRAIN_PHOTOS) \
 		--out data/lookalike_groups.csv
+
+# The fusion of `copydet dedupe` (dedupe.fusion_model), fitted on one folder of calib photos.
+calibrate-dedupe: install
+	$(COPYDET) calibrate-dedupe --photos $(TRAIN_PHOTOS) $(ARGS)
 
 calibrate-fusion: install
 	$(COPYDET) calibrate-fusion --photos $(TRAIN_PHOTOS) $(ARGS)

@@ -1,4 +1,4 @@
-"""Image sets (ids are file stems) and robust image decoding.
+"""Image sets (ids are file stems, or file names / relative paths) and robust image decoding.
 
 ``read_image`` turns whatever a user's folder holds into an 8-bit grey or RGB array, or raises
 ``ImageError`` with a one-line reason: corrupt, truncated, empty and non-image files, images
@@ -52,6 +52,7 @@ class ImageSet:
     ids: tuple[str, ...]
     paths: tuple[Path, ...]
     ignored: tuple[Path, ...] = ()
+    id_kind: str = "stem"  # how ids were made (``ID_KINDS``)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -60,11 +61,28 @@ class ImageSet:
     def key(self) -> str:
         """``<name>-<hash of the resolved folder>``: readable, and distinct for two folders
         that share a name, so a lookup never returns another folder's outputs."""
-        return f"{self.name}-{digest(str(self.root.resolve()))}"
+        if self.id_kind == "stem":
+            return f"{self.name}-{digest(str(self.root.resolve()))}"
+        return f"{self.name}-{digest(str(self.root.resolve()), self.id_kind)}"
 
 
-def list_images(folder: str | Path, name: str | None = None) -> ImageSet:
-    """List the images under ``folder`` (recursively); ids are file stems and must be unique.
+ID_KINDS = ("stem", "name", "relative_stem")
+
+
+def image_id(path: Path, root: Path, kind: str) -> str:
+    """The id of ``path`` under ``root``: its stem (``run``'s DISC21 ids), its path relative
+    to ``root`` (``name``: the file name in a flat folder; ``dedupe``, where ``a.jpg`` and
+    ``a.png`` are two images), or that path less its last suffix (``relative_stem``: the
+    crops written as ``<id>.jpg``)."""
+    if kind == "stem":
+        return path.stem
+    relative = path.relative_to(root).as_posix()
+    return relative if kind == "name" else relative[: -len(path.suffix) or None]
+
+
+def list_images(folder: str | Path, name: str | None = None, ids: str = "stem") -> ImageSet:
+    """List the images under ``folder`` (recursively); ids (``image_id`` of kind ``ids``)
+    must be unique.
 
     Files whose suffix is not an image suffix are listed in ``ignored`` (and logged), hidden
     files are skipped. Files with an image suffix but no image inside, broken symbolic links
@@ -82,23 +100,23 @@ def list_images(folder: str | Path, name: str | None = None) -> ImageSet:
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             ignored.append(path)
             continue
-        if path.stem in by_id:
-            raise DuplicateIdError(
-                f"duplicate image id {path.stem!r}: {by_id[path.stem]} and {path}"
-            )
-        by_id[path.stem] = path
+        key = image_id(path, root, ids)
+        if key in by_id:
+            raise DuplicateIdError(f"duplicate image id {key!r}: {by_id[key]} and {path}")
+        by_id[key] = path
     if ignored:
         log.warning(
             "%s: ignored %d file(s) without an image suffix, e.g. %s",
             root, len(ignored), ", ".join(p.name for p in ignored[:3]),
         )
-    ids = tuple(sorted(by_id))
+    sorted_ids = tuple(sorted(by_id))
     return ImageSet(
         name=name or root.resolve().name,
         root=root,
-        ids=ids,
-        paths=tuple(by_id[i] for i in ids),
+        ids=sorted_ids,
+        paths=tuple(by_id[i] for i in sorted_ids),
         ignored=tuple(ignored),
+        id_kind=ids,
     )
 
 
@@ -114,12 +132,12 @@ def is_broken_link(path: Path) -> bool:
     return path.is_symlink() and not path.exists()
 
 
-def input_images(images: str | Path | ImageSet) -> ImageSet:
+def input_images(images: str | Path | ImageSet, ids: str = "stem") -> ImageSet:
     """The image set of a user's input folder, which must hold images (an ``ImageSet`` made
-    by the pipeline, such as the crops, is taken as it is)."""
+    by the pipeline, such as the crops, is taken as it is); ids as in ``list_images``."""
     if isinstance(images, ImageSet):
         return images
-    found = list_images(images)
+    found = list_images(images, ids=ids)
     if not found.ids:
         raise UserError(f"{found.root} holds no images (no file ending in .jpg, .png or another "
                         "image suffix): give a folder of images")

@@ -42,13 +42,15 @@ class LogisticModel:
 
     @classmethod
     def fit_matrix(cls: type[M], x: np.ndarray, labels: np.ndarray, features: Sequence[str],
-                   trained_on: str = "", c: float = 1.0) -> M:
-        """Fit on feature matrix ``x`` with 0/1 ``labels`` (classes weighted equally)."""
+                   trained_on: str = "", c: float = 1.0, balanced: bool = True) -> M:
+        """Fit on feature matrix ``x`` with 0/1 ``labels`` (classes weighted equally, or as
+        they come when not ``balanced``: probabilities calibrated to the fitted set's mix)."""
         from sklearn.linear_model import LogisticRegression
 
         x = np.asarray(x, np.float64)
         mean, scale = x.mean(0), np.maximum(x.std(0), 1e-9)
-        model = LogisticRegression(C=c, max_iter=2000, class_weight="balanced")
+        model = LogisticRegression(C=c, max_iter=2000,
+                                   class_weight="balanced" if balanced else None)
         model.fit((x - mean) / scale, labels)
         return cls(list(features), mean.tolist(), scale.tolist(), model.coef_[0].tolist(),
                    float(model.intercept_[0]), trained_on)

@@ -93,6 +93,8 @@ RULES: dict[str, Rule] = {
     "merge.method": Rule(choices=("fusion", "max")),
     "merge.branches": Rule(item=(str,), min_length=1, unique=True),
     "merge.fill_rank": Rule(low=0),
+    "dedupe.threshold": Rule(low=0, high=1),
+    "dedupe.grouping": Rule(choices=("star", "components")),
     "merge.max_pairs": COUNT,
     "preprocess.imgsz": Rule(low=32),
     "preprocess.device": DEVICE,

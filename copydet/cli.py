@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+import calibration.dedupe
 import calibration.fusion
 import calibration.pair_net
 import calibration.score
@@ -28,19 +29,20 @@ import match_score.verify
 import match_score.visualize
 import merge.fuse
 import pipeline
+import pipeline.dedupe
 import preprocess.detect
 import preprocess.evaluate
 from common.cli import Command, run_command
 
 COMMANDS: tuple[Command, ...] = (
-    pipeline.COMMAND,
+    pipeline.COMMAND, pipeline.dedupe.COMMAND,
     local_fea.extract.COMMAND, local_fea.search.COMMAND, match_score.verify.COMMAND,
     preprocess.detect.COMMAND,
     global_fea.extract.COMMAND, global_fea.search.COMMAND,
     merge.fuse.COMMAND,
     match_score.visualize.COMMAND,
     local_fea.train_index.COMMAND, calibration.score.COMMAND, global_fea.whiten.COMMAND,
-    calibration.fusion.COMMAND, calibration.pair_net.COMMAND,
+    calibration.fusion.COMMAND, calibration.pair_net.COMMAND, calibration.dedupe.COMMAND,
     preprocess.evaluate.COMMAND,
     evaluation.report.COMMAND,
 )

@@ -13,6 +13,9 @@ to one HDF5 file in the ISC2021 descriptor-track layout:
 - ``reference`` (n_r, d) float32 and ``reference_ids``, sorted by id;
 - ``query_mirror`` (n_q, d), the mirrored queries' descriptors, when described.
 
+When the queries are the references (one folder), ``reference`` and ``reference_ids`` are
+links to ``query`` and ``query_ids``: each image is held once.
+
 Unreadable images are skipped (logged and listed in the store's ``skipped.csv``) and are not
 in the h5. The file is written to a temporary name and renamed, so it is complete or absent.
 """
@@ -278,6 +281,10 @@ def write_h5(out: Path, stores: dict[str, ShardStore], codec: whitening.Codec, m
     with atomic_h5(out) as (f, guard):
         f.attrs.update(attrs)
         for role, store in stores.items():
+            if role == "reference" and store.root == stores["query"].root:
+                for name in ("reference", "reference_ids"):  # one folder: each image once
+                    f[name] = h5py.SoftLink(f"/{name.replace('reference', 'query')}")
+                continue
             valid = list(valid_rows(store))
             ids = sorted(i for _, _, shard_ids in valid for i in shard_ids)
             position = {image_id: i for i, image_id in enumerate(ids)}

@@ -38,12 +38,20 @@ def feature_names(branches: Sequence[BranchEvidence]) -> list[str]:
                                                           else ()))]
 
 
-def query_gaps(pairs: Sequence[Pair], values: np.ndarray) -> np.ndarray:
-    """Each pair's value less the best value among the pairs of its query (<= 0)."""
+def ends(pair: Pair, unordered: bool) -> tuple[str, ...]:
+    """The images a pair's gap and rank are taken over: its query, or both (unordered)."""
+    return pair if unordered else pair[:1]
+
+
+def query_gaps(pairs: Sequence[Pair], values: np.ndarray, unordered: bool = False) -> np.ndarray:
+    """Each pair's value less the best value among the pairs of its query (<= 0); of
+    ``unordered`` pairs (one folder deduplicated), the best among the pairs of either image."""
     best: dict[str, float] = defaultdict(lambda: -np.inf)
-    for (query, _), value in zip(pairs, values, strict=True):
-        best[query] = max(best[query], float(value))
-    return values - np.array([best[q] for q, _ in pairs], np.float64)
+    for pair, value in zip(pairs, values, strict=True):
+        for image in ends(pair, unordered):
+            best[image] = max(best[image], float(value))
+    return values - np.array([max(best[i] for i in ends(p, unordered)) for p in pairs],
+                             np.float64)
 
 
 @dataclass
@@ -56,14 +64,16 @@ class PairTable:
     found_by: list[str]
 
 
-def top_ranked(evidence: Evidence, max_rank: int) -> set[Pair]:
-    """Pairs within the ``max_rank`` best of their query by the branch's own score."""
-    by_query: dict[str, list[tuple[float, str]]] = defaultdict(list)
-    for (q, r), score in evidence.scores.items():
-        by_query[q].append((score, r))
+def top_ranked(evidence: Evidence, max_rank: int, unordered: bool = False) -> set[Pair]:
+    """Pairs within the ``max_rank`` best of their query (of either image, ``unordered``) by
+    the branch's own score."""
+    by_image: dict[str, list[tuple[float, Pair]]] = defaultdict(list)
+    for pair, score in evidence.scores.items():
+        for image in ends(pair, unordered):
+            by_image[image].append((score, pair))
     top = set()
-    for q, scored in by_query.items():
-        top.update((q, r) for _, r in sorted(scored, key=lambda t: (-t[0], t[1]))[:max_rank])
+    for scored in by_image.values():
+        top.update(p for _, p in sorted(scored, key=lambda t: (-t[0], t[1]))[:max_rank])
     return top
 
 
@@ -91,15 +101,17 @@ def read_branches(conf: dict[str, Any], branches: Sequence[BranchEvidence],
 
 
 def gather(conf: dict[str, Any], branches: Sequence[BranchEvidence],
-           pair_files: Mapping[str, Path], folder: Path, drop_self: bool = False) -> PairTable:
+           pair_files: Mapping[str, Path], folder: Path, drop_self: bool = False,
+           unordered: bool = False) -> PairTable:
     """The candidate pairs of all branches with every branch's features (module docstring);
-    fills write their resumable work under ``folder``."""
+    fills write their resumable work under ``folder``. ``unordered``: each pair is one
+    unordered pair of one folder (``copydet dedupe``), ranks and gaps are over both images."""
     evidence = read_branches(conf, branches, pair_files, drop_self)
     pairs = sorted(set().union(*(e.features for e in evidence.values())))
     found_by = ["+".join(b.name for b in branches if p in evidence[b.name].features)
                 for p in pairs]
     max_rank = conf["merge"]["fill_rank"]
-    top = set().union(*(top_ranked(e, max_rank) for e in evidence.values()))
+    top = set().union(*(top_ranked(e, max_rank, unordered) for e in evidence.values()))
     for branch in branches:
         own = evidence[branch.name]
         missing = [p for p in pairs if p not in own.features]
@@ -116,7 +128,7 @@ def gather(conf: dict[str, Any], branches: Sequence[BranchEvidence],
         columns.append(np.array([own.get(p, default) for p in pairs], np.float64)
                        .reshape(len(pairs), len(branch.features)))
         if branch.gap:
-            columns.append(query_gaps(pairs, columns[-1][:, 0]).reshape(len(pairs), 1))
+            columns.append(query_gaps(pairs, columns[-1][:, 0], unordered).reshape(len(pairs), 1))
     names = feature_names(branches)
     x = np.hstack(columns) if pairs else np.zeros((0, len(names)))
     return PairTable(pairs, names, x, found_by)

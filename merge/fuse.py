@@ -56,10 +56,11 @@ def fusion_model(conf: dict[str, Any], branches: Sequence[BranchEvidence]) -> Fu
 
 def fused_scores(conf: dict[str, Any], branches: Sequence[BranchEvidence],
                  pair_files: Mapping[str, Path], folder: Path,
-                 drop_self: bool) -> tuple[PairTable, np.ndarray]:
-    """The candidate table and the calibrated fusion score of every pair."""
+                 drop_self: bool, unordered: bool = False) -> tuple[PairTable, np.ndarray]:
+    """The candidate table and the calibrated fusion score of every pair (``unordered``:
+    ``merge.features.gather``)."""
     model = fusion_model(conf, branches)  # checked before the costly fills
-    table = gather(conf, branches, pair_files, folder, drop_self)
+    table = gather(conf, branches, pair_files, folder, drop_self, unordered)
     return table, model.score(table)
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -195,11 +195,10 @@ def crop_set(boxes: Path, branch: str) -> ImageSet:
     """The crops ``branch`` ("global" or "local") uses, from the ``boxes.csv`` that ``main``
     returned: the queries whose box passed ``conf_<branch>`` (the others' "crop" would be
     the whole query, which the branch has already described)."""
-    folder = list_images(crop_folder(boxes.parent, branch))
+    folder = list_images(crop_folder(boxes.parent, branch), ids="relative_stem")
     used = {r["query_id"] for r in read_csv(boxes) if branch in r["used_for"].split("+")}
     keep = [(i, p) for i, p in zip(folder.ids, folder.paths, strict=True) if i in used]
-    return ImageSet(folder.name, folder.root, tuple(i for i, _ in keep),
-                    tuple(p for _, p in keep))
+    return replace(folder, ids=tuple(i for i, _ in keep), paths=tuple(p for _, p in keep))
 
 
 def write_crops(root: Path, image_id: str, path: Path, box: Box | None,

@@ -46,8 +46,8 @@ def building(out: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def render(context: dict[str, Any]) -> str:
-    """The page from ``templates/report.html.j2`` (Jinja2, autoescaped)."""
+def render(context: dict[str, Any], template: str = "report.html.j2") -> str:
+    """The page from ``templates/<template>`` (Jinja2, autoescaped)."""
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
@@ -55,4 +55,4 @@ def render(context: dict[str, Any]) -> str:
                              lstrip_blocks=True, keep_trailing_newline=True)
     env.filters["num"] = lambda v, d=4: "—" if v is None else f"{v:.{d}f}"
     env.filters["count"] = lambda v: "—" if v is None else f"{v:,}"
-    return env.get_template("report.html.j2").render(**context)
+    return env.get_template(template).render(**context)
