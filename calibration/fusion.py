@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 import pipeline
-from calibration import save_fitted
+from calibration import fit_command, save_fitted
 from common import cli
 from common.config import digest
 from common.images import list_images
@@ -86,9 +86,7 @@ def main(conf: dict[str, Any], photos: str | Path, work_dir: str | Path,
     return out
 
 
-COMMAND = cli.Command(
-    "calibrate-fusion", __doc__, lambda p: cli.add_fit_args(p, MODEL_KEY),
-    lambda conf, a: main(conf, a.photos, a.work, a.out))
+COMMAND = fit_command("calibrate-fusion", __doc__, MODEL_KEY, main)
 
 if __name__ == "__main__":
     cli.run_module("calibration.fusion")

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 import pipeline
 from common import UserError, cli
@@ -230,7 +231,8 @@ def train(pairs: PairSet, settings: dict[str, Any] = TRAIN,
     steps = settings["epochs"] * -(-len(y) // settings["batch"])
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, settings["lr"], total_steps=steps)
     history = []
-    for epoch in range(settings["epochs"]):
+    for epoch in tqdm(range(settings["epochs"]), desc=f"train pair verifier ({len(y)} pairs)",
+                      unit="epoch", dynamic_ncols=True):
         net.train()
         losses = []
         order = torch.from_numpy(rng.permutation(len(y)))

@@ -73,23 +73,20 @@ def star_groups(linked: Mapping[str, Mapping[str, float]],
 
 
 def component_groups(linked: Mapping[str, Mapping[str, float]]) -> list[list[str]]:
-    """Connected components of the links."""
-    seen: set[str] = set()
-    groups = []
-    for start in sorted(linked):
-        if start in seen:
-            continue
-        stack, members = [start], []
-        seen.add(start)
-        while stack:
-            node = stack.pop()
-            members.append(node)
-            for n in linked[node]:
-                if n not in seen:
-                    seen.add(n)
-                    stack.append(n)
-        groups.append(members)
-    return groups
+    """Connected components of the links (scipy's)."""
+    from scipy.sparse import coo_array
+    from scipy.sparse.csgraph import connected_components
+
+    images = sorted(linked)
+    index = {image: i for i, image in enumerate(images)}
+    edges = [(index[a], index[b]) for a in images for b in linked[a]]
+    rows, cols = zip(*edges, strict=True) if edges else ((), ())
+    graph = coo_array(([1] * len(edges), (rows, cols)), shape=(len(images), len(images)))
+    _, labels = connected_components(graph, directed=False)
+    groups: dict[int, list[str]] = defaultdict(list)
+    for image, label in zip(images, labels, strict=True):
+        groups[int(label)].append(image)
+    return list(groups.values())
 
 
 def make_groups(pairs: Iterable[tuple[str, str, float]], threshold: float,

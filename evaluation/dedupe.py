@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from common.io import read_csv
+from dedupe.groups import GROUPS, PAIRS, read_pairs
 from evaluation.isc_metric import average_precision, precision_recall_curve, recall_at_precision
 
 Pair = tuple[str, str]
@@ -34,7 +35,7 @@ def group_pairs(groups: Iterable[Iterable[str]]) -> set[Pair]:
 
 
 def true_groups(truth: Path) -> list[list[str]]:
-    """The groups of a benchmark's ``groups.csv`` (``image,group,…``)."""
+    """The groups of a ``groups.csv`` (``image,group,…``: a benchmark's, or an output's)."""
     by_group: dict[str, list[str]] = defaultdict(list)
     for row in read_csv(truth):
         by_group[row["group"]].append(row["image"])
@@ -76,11 +77,7 @@ def evaluate(pairs: Sequence[tuple[str, str, float]], groups: Iterable[Iterable[
 
 def read_output(out: Path) -> tuple[list[tuple[str, str, float]], list[list[str]]]:
     """The pairs and groups of a ``copydet dedupe`` output folder."""
-    pairs = [(r["image_a"], r["image_b"], float(r["score"])) for r in read_csv(out / "pairs.csv")]
-    by_group: dict[str, list[str]] = defaultdict(list)
-    for row in read_csv(out / "groups.csv"):
-        by_group[row["group"]].append(row["image"])
-    return pairs, list(by_group.values())
+    return read_pairs(out / PAIRS), true_groups(out / GROUPS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -63,26 +63,10 @@ class PairVerifier:
 
     def __init__(self, path: str | Path) -> None:
         import onnxruntime
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
 
-        path = Path(path)
-        if not path.exists():
-            raise UserError(f"no pair verifier at {path}: {FIT_HINT}")
-        try:
-            state = load_file(path)
-        except (SafetensorError, OSError) as err:
-            raise UserError(f"{path} is not a safetensors file of the pair verifier ({err}): "
-                            f"{FIT_HINT}") from None
-        wrong = {k: v for k, v in expected_shapes().items()
-                 if k not in state or state[k].shape != v}
-        if wrong:
-            raise UserError(f"{path} holds another net than this version's pair verifier "
-                            f"(e.g. {next(iter(wrong))} is not {next(iter(wrong.values()))}): "
-                            f"{FIT_HINT}")
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = options.inter_op_num_threads = 1
-        self.session = onnxruntime.InferenceSession(onnx_graph(state), options,
+        self.session = onnxruntime.InferenceSession(onnx_graph(load_weights(path)), options,
                                                     providers=["CPUExecutionProvider"])
 
     def logits(self, pairs: list[np.ndarray | None]) -> np.ndarray:
@@ -93,6 +77,28 @@ class PairVerifier:
             x = np.stack([pairs[i] for i in index]).astype(np.float32)
             out[index] = self.session.run(None, {"pairs": x})[0][:, 0]
         return out
+
+
+def load_weights(path: str | Path) -> dict[str, np.ndarray]:
+    """The weights of a pair verifier file, checked against this version's net; a missing,
+    damaged or foreign file is a ``UserError`` naming the command that remakes it."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"no pair verifier at {path}: {FIT_HINT}")
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{path} is not a safetensors file of the pair verifier ({err}): "
+                        f"{FIT_HINT}") from None
+    wrong = {k: v for k, v in expected_shapes().items() if k not in state or state[k].shape != v}
+    if wrong:
+        raise UserError(f"{path} holds another net than this version's pair verifier "
+                        f"(e.g. {next(iter(wrong))} is not {next(iter(wrong.values()))}): "
+                        f"{FIT_HINT}")
+    return state
 
 
 def onnx_graph(state: dict[str, np.ndarray]) -> bytes:

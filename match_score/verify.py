@@ -26,7 +26,7 @@ from common.logs import start_run
 from common.parallel import limit_threads, parallel_map, spread, workers
 from local_fea.features import LocalFeatures
 from match_score.geometry import FIELDS, Verification, verify
-from match_score.pair_net import MISSING, PairVerifier
+from match_score.pair_net import MISSING, PairVerifier, load_weights
 from match_score.score import ScoreModel
 
 STAGE = "match_score"
@@ -151,7 +151,8 @@ def main(conf: dict[str, Any], queries: Path, references: Path, candidates: Path
     run = start_run(work_dir, f"{STAGE}-{out.parent.name}")
     with run:
         model = ScoreModel.load(REPO_ROOT / conf[STAGE]["score_model"])
-        pair_verifier(conf[STAGE])  # a missing or foreign pair model stops here, not in a task
+        if conf[STAGE].get("pair_model"):  # a missing or foreign one stops here, not in a task
+            load_weights(REPO_ROOT / conf[STAGE]["pair_model"])
         pairs = candidate_pairs(candidates)
         run.logger.info("%d candidate (query view, reference) pairs -> %s", len(pairs), out)
         rows = verify_pairs(conf, pairs, Path(queries), Path(references), out.parent / "parts")

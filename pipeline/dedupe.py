@@ -181,8 +181,9 @@ def _dedupe(conf: dict[str, Any], images: ImageSet, work: Path, out: Path) -> Pa
     pairs = record("merge.fuse", "unordered", fused_pairs, conf, pair_files, images, work, out,
                    boxes)
     section = conf["dedupe"]
-    groups = grouping.make_groups(grouping.read_pairs(pairs), section["threshold"],
-                                  image_info(store, images), section["grouping"])
+    scored = grouping.read_pairs(pairs)
+    groups = grouping.make_groups(scored, section["threshold"], image_info(store, images),
+                                  section["grouping"])
     grouping.write_outputs(out, images.ids, groups)
     record_json = {
         "images": str(images.root.resolve()), "n_images": len(images), "store": str(store),
@@ -192,7 +193,8 @@ def _dedupe(conf: dict[str, Any], images: ImageSet, work: Path, out: Path) -> Pa
         "branches": {name: {k: str(v) for k, v in o.items()} for name, o in outputs.items()},
         "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    write_page(out, record_json, groups, dict(zip(images.ids, images.paths, strict=True)))
+    write_page(out, record_json, groups, scored, dict(zip(images.ids, images.paths,
+                                                          strict=True)))
     write_json(out / RECORD, record_json)
     return out
 

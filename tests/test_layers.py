@@ -12,8 +12,8 @@ FLOORS = {  # top to bottom; a package imports only from floors below its own
     "copydet": 7,  # the command table imports every command
     "bench": 6, "calibration": 6,
     "pipeline": 5,
-    "evaluation": 4, "merge": 4, "dedupe": 4,
-    "match_score": 3, "global_fea": 3, "preprocess": 3,
+    "evaluation": 4, "merge": 4,
+    "match_score": 3, "global_fea": 3, "preprocess": 3, "dedupe": 3,
     "local_fea": 2, "data": 2,
     "common": 1,
 }

@@ -19,7 +19,6 @@ from typing import Any
 from PIL import Image
 
 from common.images import ImageError, read_image, resize_long_side
-from common.io import read_csv
 from evaluation.report.page import building, render
 
 THUMB = 160
@@ -54,10 +53,11 @@ def group_data(groups: Sequence[Sequence[str]], scores: dict[tuple[str, str], fl
 
 
 def write_page(out: Path, record: dict[str, Any], groups: Sequence[Sequence[str]],
-               paths: dict[str, Path], threads: int = 2) -> Path:
-    """Write ``<out>/report/index.html`` for a deduplication; return it."""
-    scores = {(r["image_a"], r["image_b"]): float(r["score"])
-              for r in read_csv(out / "pairs.csv")}
+               pairs: Sequence[tuple[str, str, float]], paths: dict[str, Path],
+               threads: int = 2) -> Path:
+    """Write ``<out>/report/index.html`` for a deduplication (its groups and scored pairs);
+    return it."""
+    scores = {(a, b): score for a, b, score in pairs}
     grouped = [m for g in groups for m in g]
     with building(out / "report") as folder:
         (folder / "thumbs").mkdir()
