@@ -23,7 +23,7 @@ ARGS = --work $(WORK) $(SETTINGS)
 
 .PHONY: install demo all eval report test test-fast lint gpu-check bench-pipeline bench bench-global bench-detect bench-scale capacity \
 	train-index calibrate hard-sets same-setting frame-set lookalike-groups train-split more-split train-verifier train-global global-assets calibrate-fusion \
-	train-detector clean dedupe dedupe-set dedupe-bench calibrate-dedupe
+	train-detector clean dedupe dedupe-set dedupe-bench calibrate-dedupe frame-levels
 
 install: $(VENV)/.installed
 
@@ -162,6 +162,11 @@ frame-set: more-split
 train-verifier: same-setting frame-set
 	$(COPYDET) train-verifier --photos $(TRAIN_PHOTOS) --more-photos $(WORK)/moresplit/fit \
 		--measure $(WORK)/samesetting $(WORK)/frames $(ARGS)
+
+# What tells a frame from a photo around a detected box: prints the figures and thresholds of
+# FLAT_SHARE and PATCH_SHARE in match_score/frames.py (set there by hand from its output).
+frame-levels: more-split
+	$(PY) -m calibration.frames --photos $(TRAIN_PHOTOS) $(WORK)/moresplit/fit
 
 # The real look-alike groups (data/lookalike_groups.csv): the pipeline on the training photos
 # against themselves, pairs of different photos scoring >= 0.5, less data/same_photo.csv.

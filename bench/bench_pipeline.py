@@ -58,11 +58,11 @@ def _sift_chunk(args: tuple[list[Path], int, int, bool]) -> int:
 
 def described(conf: dict) -> tuple[bool, bool, bool]:
     """Whether the branches of ``merge.branches`` describe images by SIFT, by the global
-    network, and the queries' crops (so run the overlay detector)."""
+    network, and run the overlay detector (the queries' crops, the local branch's frames)."""
     branches = pipeline.selected(conf["merge"]["branches"])
     return (any(b.evidence.read is read_local for b in branches),
             any(b.evidence.read is read_global for b in branches),
-            any(b.run in (pipeline.run_crop_local, pipeline.run_crop_global) for b in branches))
+            any(pipeline.DETECT[0] in b.sections for b in branches))
 
 
 def crop_sets(record: dict, kind: str) -> list[list[Path]]:

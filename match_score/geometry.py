@@ -25,7 +25,7 @@ import numpy as np
 ALIGNED_SIDE = 64  # pixels of each side of a pair aligned for the pair verifier
 ALIGNED_CHANNELS = ("reference", "query", "overlap", "inliers")
 FIELDS = ("matches", "inliers", "inliers_h1", "inliers_h2", "dense_agree", "dense_cells",
-          "coverage")
+          "coverage", "frame_inliers")
 
 
 @dataclass
@@ -37,6 +37,7 @@ class Verification:
     dense_agree: float = 0.0
     dense_cells: int = 0
     coverage: float = 0.0
+    frame_inliers: int = 0  # inliers on a frame around either picture (``match_score.frames``)
     homography: np.ndarray | None = None
     points: tuple[np.ndarray, np.ndarray] | None = None  # matched (query, reference) positions
     plane: np.ndarray | None = None  # per match: 0 outlier, 1 first homography, 2 second

@@ -20,6 +20,7 @@ from common.logistic import LogisticModel
 FEATURES = ("log_inliers", "inlier_ratio", "dense_agree", "dense_evidence", "log_matches",
             "coverage")
 DENSE_FULL = 64  # informative cells at which photometric evidence counts fully
+MIN_EVIDENCE = 4  # inliers left off a frame that still say something (a homography's)
 READ = ("inliers", "matches", "dense_agree", "dense_cells", "coverage")  # verification fields
 FIT_HINT = "make calibrate (copydet calibrate --photos <training photos>)"
 
@@ -34,7 +35,7 @@ def feature_matrix(rows: Sequence[Mapping[str, object]]) -> np.ndarray:
     def col(name: str) -> np.ndarray:
         return np.array([float(r[name]) for r in rows], np.float64)
 
-    inliers, matches = col("inliers"), col("matches")
+    inliers, matches = evidence_inliers(rows), col("matches")
     agree, cells = col("dense_agree"), col("dense_cells")
     return np.stack([
         np.log1p(inliers),
@@ -46,6 +47,15 @@ def feature_matrix(rows: Sequence[Mapping[str, object]]) -> np.ndarray:
     ], axis=1).reshape(len(rows), len(FEATURES))
 
 
+def evidence_inliers(rows: Sequence[Mapping[str, object]]) -> np.ndarray:
+    """Each verified row's inliers that are evidence: those not on a frame
+    (``match_score.frames``), none where fewer than a homography's 4 are left."""
+    inliers, frame = (np.array([float(r.get(k, 0)) for r in rows], np.float64)
+                      for k in ("inliers", "frame_inliers"))  # no frame_inliers: none known
+    left = inliers - frame
+    return np.where((frame > 0) & (left < MIN_EVIDENCE), 0.0, left)
+
+
 @dataclass
 class ScoreModel(LogisticModel):
     """The local score: ``common.logistic.LogisticModel`` over ``FEATURES`` of verified rows."""
@@ -54,10 +64,9 @@ class ScoreModel(LogisticModel):
         return self.decision(feature_matrix(rows))
 
     def predict(self, rows: Sequence[Mapping[str, object]]) -> np.ndarray:
-        """Probability of a copy for each row; no evidence at all scores 0."""
+        """Probability of a copy for each row; no evidence (no inlier off a frame) scores 0."""
         p = self.probability(feature_matrix(rows))
-        no_match = np.array([float(r["inliers"]) == 0 for r in rows], bool)
-        return np.where(no_match, 0.0, p)
+        return np.where(evidence_inliers(rows) == 0, 0.0, p)
 
     @classmethod
     def fit(cls, rows: Sequence[Mapping[str, object]], labels: np.ndarray,

@@ -24,6 +24,7 @@ from common.config import REPO_ROOT
 from common.images import read_image
 from common.io import atomic_path
 from local_fea.features import LocalFeatures
+from match_score.frames import Box, content_boxes
 from match_score.geometry import FIELDS, Verification
 from match_score.score import ScoreModel
 from match_score.verify import verify_view
@@ -34,10 +35,19 @@ OVERLAP = (0, 140, 255)  # BGR: outline of the overlap of the first homography
 
 
 def verify_views(conf: dict[str, Any], qf: LocalFeatures, rf: LocalFeatures, query_id: str,
-                 ref_id: str) -> dict[str, Verification]:
-    """Verification of the pair for every view of the query."""
+                 ref_id: str, boxes: tuple[Box | None, Box | None] = (None, None),
+                 ) -> dict[str, Verification]:
+    """Verification of the pair for every view of the query (``boxes``: the detector's box
+    in each image, for its frame: ``match_score.frames``)."""
     return {view: verify_view(qf, rf, query_id, ref_id, view, conf["match_score"],
-                              conf["local_fea"]["short_side"]) for view in qf.views()}
+                              conf["local_fea"]["short_side"], boxes) for view in qf.views()}
+
+
+def figures_line(result: Verification) -> str:
+    """The verification figures of a pair's caption."""
+    frame = f" ({result.frame_inliers} on a frame)" if result.frame_inliers else ""
+    return (f"{result.matches} matches, {result.inliers_h1}+{result.inliers_h2} inliers{frame}, "
+            f"photometric {result.dense_agree:.2f} of {result.dense_cells} cells")
 
 
 def _panel(path: Path, mirror: bool) -> tuple[np.ndarray, float]:
@@ -100,20 +110,20 @@ def draw(query_path: Path, ref_path: Path, result: Verification, mirror: bool,
 
 
 def main(conf: dict[str, Any], query_id: str, ref_id: str, queries: Path, references: Path,
-         work_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Verify one pair with the query and reference feature stores and write its picture;
-    return the PNG path."""
+         work_dir: str | Path, out: str | Path | None = None,
+         query_boxes: Path | None = None) -> Path:
+    """Verify one pair with the query and reference feature stores (and the detector's
+    ``boxes.csv`` of the queries, for frames) and write its picture; return the PNG path."""
     qf, rf = LocalFeatures(queries), LocalFeatures(references)
     for image_id, features in ((query_id, qf), (ref_id, rf)):
         if image_id not in features.store:
             raise UserError(f"{image_id!r} is not in {features.store.root}")
-    results = verify_views(conf, qf, rf, query_id, ref_id)
+    boxes = (content_boxes(query_boxes).get(query_id), None)
+    results = verify_views(conf, qf, rf, query_id, ref_id, boxes)
     view, result = max(results.items(), key=lambda kv: kv[1].inliers)
     score = ScoreModel.load(REPO_ROOT / conf["match_score"]["score_model"]).predict(
         [dict(zip(FIELDS, result.row(), strict=True))])[0]
-    caption = (f"{query_id} ({view} view) vs {ref_id}: score {score:.3f}\n"
-               f"{result.matches} matches, {result.inliers_h1}+{result.inliers_h2} inliers, "
-               f"photometric {result.dense_agree:.2f} of {result.dense_cells} cells")
+    caption = f"{query_id} ({view} view) vs {ref_id}: score {score:.3f}\n{figures_line(result)}"
     picture = draw(qf.store.source_path(query_id), rf.store.source_path(ref_id), result,
                    view == "mirror", caption)
     out = Path(out or Path(work_dir) / "matches" / f"{query_id}-{ref_id}.png")
@@ -130,11 +140,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--references", required=True, type=Path,
                         help="reference feature store")
     parser.add_argument("--out", type=Path, help="PNG (default: <work>/matches/<q>-<r>.png)")
+    parser.add_argument("--query-boxes", type=Path,
+                        help="boxes.csv of the queries: inliers on a frame are counted apart")
 
 
 COMMAND = cli.Command(
     "visualize", __doc__, add_arguments,
-    lambda conf, a: main(conf, a.query, a.reference, a.queries, a.references, a.work, a.out))
+    lambda conf, a: main(conf, a.query, a.reference, a.queries, a.references, a.work, a.out,
+                         a.query_boxes))
 
 if __name__ == "__main__":
     cli.run_module("match_score.visualize")

@@ -3,11 +3,12 @@ computed for pairs the branch did not find (the fusion's fills).
 
 - Local-like branches (``local``, ``crop_local``: ``match_score.verify``'s ``pairs.csv``): the
   logit of the calibrated local score of the pair's best view (``LOGIT_FLOOR`` without
-  inliers) and, for ``local``, the pair verifier's veto on that view: its logit where it says
-  "not a copy", else 0 (``match_score.pair_net``; ``pair_net.MISSING`` without a homography).
-  How sure the verifier is of a copy adds nothing; how sure it is of a non-copy takes a
-  look-alike's evidence back. A fill verifies the pairs (both query views) with the feature
-  stores named in the ``inputs.json`` beside the pairs file: the expensive fill.
+  inliers off a frame) and, for ``local``, the pair verifier's veto on that view: its logit
+  where it says "not a copy", else 0 (``match_score.pair_net``; ``pair_net.MISSING`` without
+  a homography). How sure the verifier is of a copy adds nothing; how sure it is of a
+  non-copy takes a look-alike's evidence back. A fill verifies the pairs (both query views)
+  with the feature stores (and detector boxes) named in the ``inputs.json`` beside the pairs
+  file: the expensive fill.
 - ``global`` (``global_fea.search``'s ``pairs.csv``): the raw and the normalised similarity.
   A fill is a dot product of the descriptors of the h5 named beside the pairs file: cheap.
 """
@@ -25,7 +26,7 @@ from common.config import REPO_ROOT, digest
 from common.io import read_csv, read_inputs
 from global_fea.search import GlobalScorer
 from local_fea.features import LocalFeatures
-from match_score.score import ScoreModel
+from match_score.score import ScoreModel, evidence_inliers
 from match_score.verify import verify_pairs
 
 Pair = tuple[str, str]
@@ -51,9 +52,10 @@ def local_evidence(rows: list[dict[str, str]], conf: dict[str, Any],
         return evidence
     logits = model.logit(rows)
     probs = model.predict(rows)
-    for row, logit, prob in zip(rows, logits, probs, strict=True):
+    for row, logit, prob, inliers in zip(rows, logits, probs, evidence_inliers(rows),
+                                         strict=True):
         pair = (row["query_id"], row["reference_id"])
-        value = max(float(logit), LOGIT_FLOOR) if int(row["inliers"]) > 0 else LOGIT_FLOOR
+        value = max(float(logit), LOGIT_FLOOR) if inliers > 0 else LOGIT_FLOOR
         if pair not in evidence.scores or prob > evidence.scores[pair] or (
                 prob == evidence.scores[pair] and value > evidence.features[pair][0]):
             evidence.scores[pair] = float(prob)
@@ -76,8 +78,9 @@ def read_local(conf: dict[str, Any], pairs_file: Path, with_pair: bool = False) 
 
 def fill_local(conf: dict[str, Any], pairs_file: Path, pairs: list[Pair], folder: Path,
                name: str, with_pair: bool = False) -> Evidence:
-    """Verify ``pairs`` (every query view) with the feature stores that made ``pairs_file``;
-    pairs of queries the query store does not hold (no crop) get no evidence."""
+    """Verify ``pairs`` (every query view) with the feature stores (and the detector boxes)
+    that made ``pairs_file``; pairs of queries the query store does not hold (no crop) get no
+    evidence."""
     stores = read_inputs(pairs_file)
     queries = LocalFeatures(stores["queries"])
     pairs = [p for p in pairs if p[0] in queries.store]
@@ -87,7 +90,8 @@ def fill_local(conf: dict[str, Any], pairs_file: Path, pairs: list[Pair], folder
     # named by the pairs file too: its path names every setting the pairs were verified with
     out = folder / f"{name}_fill-{digest(todo, str(Path(pairs_file).resolve()))}" / "parts"
     rows = verify_pairs(conf, todo, stores["queries"], stores["references"], out,
-                        desc=f"verify ({name} fill)")
+                        desc=f"verify ({name} fill)",
+                        boxes=(stores.get("query_boxes"), stores.get("reference_boxes")))
     return local_evidence(rows, conf, with_pair)
 
 

@@ -3,9 +3,10 @@
 ```
 references ─► local_fea.extract ─► store ─┬──────────────────────────────────────────┐
 queries ────► local_fea.extract ─► store ─┴► local_fea.search ─► candidates.csv ─────┤
+queries ────► preprocess.detect ─► boxes.csv (inliers on a frame: no evidence) ──────┤
                                              match_score.verify ◄────────────────────┘
                                                └─► pairs.csv (local) ────────────────────┐
-queries ────► preprocess.detect ─► boxes.csv + crops ─► the local stages on the crops   │
+              preprocess.detect ─► boxes.csv + crops ─► the local stages on the crops   │
                                                └─► pairs.csv (crop_local) ───────────────┤
                                     crops ─► the global stages ─► pairs.csv (crop_global) ┤
 queries, references ─► global_fea.extract ─► descriptors.h5 ─► global_fea.search         │
@@ -81,13 +82,29 @@ def run_candidates(conf: dict[str, Any], queries: ImageSet, references: ImageSet
     return {"candidates": candidates, "query_store": qs, "reference_store": refs}
 
 
-def run_local(conf: dict[str, Any], queries: ImageSet, references: ImageSet, work: Path,
-              record: Record) -> Outputs:
-    """The local branch: its candidates, verified and scored."""
+def run_verified(conf: dict[str, Any], queries: ImageSet, references: ImageSet, work: Path,
+                 record: Record, boxes: Path | None = None) -> Outputs:
+    """Candidates, verified and scored; ``boxes``: the detector's boxes of the queries
+    (inliers on a frame around a box are no evidence, ``match_score.frames``)."""
     out = run_candidates(conf, queries, references, work, record)
     pairs = record("match_score.verify", queries.name, verify.main, conf, out["query_store"],
-                   out["reference_store"], out["candidates"], work)
+                   out["reference_store"], out["candidates"], work, boxes)
     return {"pairs": pairs, **out}
+
+
+def frame_boxes(conf: dict[str, Any], images: ImageSet, work: Path,
+                record: Record) -> Path | None:
+    """The overlay detector's boxes of ``images`` where ``match_score.frames`` asks for them."""
+    if not conf["match_score"]["frames"]:
+        return None
+    return record("preprocess.detect", images.name, detect.main, conf, images, work)
+
+
+def run_local(conf: dict[str, Any], queries: ImageSet, references: ImageSet, work: Path,
+              record: Record) -> Outputs:
+    """The local branch: its candidates, verified (frames left out) and scored."""
+    boxes = frame_boxes(conf, queries, work, record)
+    return run_verified(conf, queries, references, work, record, boxes)
 
 
 def run_crop_local(conf: dict[str, Any], queries: ImageSet, references: ImageSet, work: Path,
@@ -95,7 +112,7 @@ def run_crop_local(conf: dict[str, Any], queries: ImageSet, references: ImageSet
     """The crop-local branch: the overlay detector's crops through the local branch."""
     boxes = record("preprocess.detect", queries.name, detect.main, conf, queries, work)
     crops = detect.crop_set(boxes, "local")
-    return {**run_local(conf, crops, references, work, record), "boxes": boxes}
+    return {**run_verified(conf, crops, references, work, record), "boxes": boxes}
 
 
 def run_global(conf: dict[str, Any], queries: ImageSet, references: ImageSet, work: Path,
@@ -131,7 +148,8 @@ class Branch:
 LOCAL = ("local_fea", "local_search", "match_score")
 GLOBAL = ("global_fea", "global_search")
 DETECT = ("preprocess",)
-RUNS = {"local": (run_local, LOCAL), "global": (run_global, GLOBAL),
+RUNS = {"local": (run_local, DETECT + LOCAL),  # the detector: frames (match_score.frames)
+        "global": (run_global, GLOBAL),
         "crop_local": (run_crop_local, DETECT + LOCAL),
         "crop_global": (run_crop_global, DETECT + GLOBAL)}
 BRANCHES = {name: Branch(fusion_branches.BRANCHES[name], run, sections)

@@ -4,7 +4,8 @@ pair searched, verified and scored once; then groups, the image to keep, the lis
 ```
 images ─► local_fea.extract (query settings, mirror view derived) ─► one store S
   S against S ─► local_fea.search ─► candidates ─► dedupe.pairs (unordered, once)
-             ─► match_score.verify ─► pairs (local)
+             ─► match_score.verify (inliers on a frame the detector found: no evidence)
+             ─► pairs (local)
 images ─► global_fea.extract (no mirror: dedupe.global_mirror) ─► one h5 (references link to
   the queries) ─► global_fea.search ─► unordered
 images ─► preprocess.detect ─► crops ─► their own store ─► searched in S ─► verified ─► unordered
@@ -48,7 +49,7 @@ from local_fea.index import concrete_index
 from match_score import verify
 from merge import fuse
 from merge.evidence import LOGIT_FLOOR
-from pipeline import Outputs, Record, checks, selected
+from pipeline import Outputs, Record, checks, frame_boxes, selected
 from preprocess import detect
 
 RECORD = "dedupe.json"
@@ -58,11 +59,13 @@ Runner = Callable[[dict[str, Any], ImageSet, Path, Record, Path], Outputs]
 
 def local_pairs(conf: dict[str, Any], images: ImageSet, work: Path, record: Record,
                 store: Path) -> Outputs:
-    """The local branch: S searched in S, each unordered pair verified once."""
+    """The local branch: S searched in S, each unordered pair verified once (the inliers on
+    a frame of either image are no evidence: ``match_score.frames``)."""
     found = record("local_fea.search", images.name, search.main, conf, store, store, work)
     candidates = record("dedupe.pairs", "local candidates", unordered_candidates, found)
+    boxes = frame_boxes(conf, images, work, record)
     pairs = record("match_score.verify", images.name, verify.main, conf, store, store,
-                   candidates, work)
+                   candidates, work, boxes, boxes)
     return {"pairs": pairs, "candidates": candidates}
 
 
@@ -75,7 +78,7 @@ def crop_local_pairs(conf: dict[str, Any], images: ImageSet, work: Path, record:
     found = record("local_fea.search", crops.name, search.main, conf, crop_store, store, work)
     candidates = record("dedupe.pairs", "crop candidates", other_images, found)
     pairs = record("match_score.verify", crops.name, verify.main, conf, crop_store, store,
-                   candidates, work)
+                   candidates, work, None, frame_boxes(conf, images, work, record))
     return {"pairs": record("dedupe.pairs", "crop_local", unordered_file, pairs, "score"),
             "boxes": boxes}
 

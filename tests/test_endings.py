@@ -339,10 +339,12 @@ def sections(*branches: str) -> list[str]:
 
 
 def test_a_device_of_a_branch_not_run_is_not_checked(tmp_path: Path) -> None:
-    conf = load_config(overrides=["preprocess.device=cuda:99", "global_fea.device=cuda:99"])
-    checks.check_devices(conf, sections("local"))
+    conf = load_config(overrides=["preprocess.device=cuda:99"])
+    checks.check_devices(conf, sections("global"))
     with pytest.raises(UserError, match=r"preprocess\.device=cuda:99"):
-        checks.check_devices(conf, sections("local", "crop_local"))
+        checks.check_devices(conf, sections("global", "crop_global"))
+    with pytest.raises(UserError, match=r"preprocess\.device=cuda:99"):  # the frames' boxes
+        checks.check_devices(conf, sections("local"))
 
 
 def test_a_permission_denied_names_the_file_and_another_work_folder_only_for_outputs(

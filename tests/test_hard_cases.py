@@ -19,7 +19,7 @@ from data.make_lookalike import made_pair, make_lookalike, read_groups
 from data.mine_lookalikes import groups_of
 from evaluation.isc_metric import evaluate, load_ground_truth, load_predictions
 from local_fea.features import ImageFeatures
-from match_score.geometry import verify
+from match_score.geometry import FIELDS, verify
 from match_score.score import ScoreModel
 from tests.conftest import DATA, demo_photo, demo_references, described
 from tests.test_pipeline import run_pipeline
@@ -31,8 +31,7 @@ def _score(query: ImageFeatures, ref: ImageFeatures) -> tuple[float, float]:
     result = verify(query.views["orig"], ref.views["orig"], (query.thumb, query.size),
                     (ref.thumb, ref.size), conf["match_score"], conf["local_fea"]["short_side"])
     model = ScoreModel.load(REPO_ROOT / conf["match_score"]["score_model"])
-    row = dict(zip(("matches", "inliers", "inliers_h1", "inliers_h2", "dense_agree",
-                    "dense_cells", "coverage"), result.row(), strict=True))
+    row = dict(zip(FIELDS, result.row(), strict=True))
     return float(model.predict([row])[0]), result.coverage
 
 

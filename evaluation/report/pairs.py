@@ -113,6 +113,20 @@ def read_features(path: Path | None, wanted: set[tuple[str, str]],
     return columns, rows, found
 
 
+def query_boxes(entry: dict[str, str]) -> dict[str, Any]:
+    """The detector's boxes of a local branch's queries (its frames), from the ``inputs.json``
+    beside its pairs; none where it was verified without."""
+    from common.io import read_inputs
+    from match_score.frames import content_boxes
+
+    try:
+        return content_boxes(read_inputs(entry["pairs"]).get("query_boxes")) if entry.get(
+            "pairs") else {}
+    except Exception as e:  # a picture is a courtesy: never fail the page for it
+        log.warning("boxes of %s not read (%s)", entry.get("pairs"), e)
+        return {}
+
+
 class Drawer:
     """Pictures of pairs from the local-like branches' feature stores (the best verified
     view of any of them), with the overlap outlined."""
@@ -124,7 +138,7 @@ class Drawer:
             if all(entry.get(k) for k in LOCAL_LIKE) and all(
                     (Path(entry[k]) / "manifest.json").exists() for k in LOCAL_LIKE):
                 self.sources.append((name, Path(entry["query_store"]),
-                                     Path(entry["reference_store"])))
+                                     Path(entry["reference_store"]), query_boxes(entry)))
         self._features: dict[Path, Any] = {}
 
     def _open(self, root: Path) -> Any:
@@ -138,17 +152,18 @@ class Drawer:
                                                                             str]:
         """The picture of a pair (or None) and a note on how it was made."""
         from match_score.geometry import Verification
-        from match_score.visualize import draw, verify_views
+        from match_score.visualize import draw, figures_line, verify_views
 
         best = None
         paths = None
-        for name, q_root, r_root in self.sources:
+        for name, q_root, r_root, boxes in self.sources:
             try:
                 qf, rf = self._open(q_root), self._open(r_root)
                 if query_id not in qf.store or ref_id not in rf.store:
                     continue
                 paths = paths or (qf.store.source_path(query_id), rf.store.source_path(ref_id))
-                for view, result in verify_views(self.conf, qf, rf, query_id, ref_id).items():
+                for view, result in verify_views(self.conf, qf, rf, query_id, ref_id,
+                                                 (boxes.get(query_id), None)).items():
                     if best is None or result.inliers > best[0].inliers:
                         best = (result, view, name, qf.store.source_path(query_id),
                                 rf.store.source_path(ref_id))
@@ -160,8 +175,7 @@ class Drawer:
             best = (Verification(), "orig", "", *paths)
         result, view, name, q_path, r_path = best
         caption = (f"{caption_head}   [{name or 'no matches'}, {view} view]\n"
-                   f"{result.matches} matches, {result.inliers_h1}+{result.inliers_h2} inliers, "
-                   f"photometric {result.dense_agree:.2f} of {result.dense_cells} cells")
+                   f"{figures_line(result)}")
         try:
             return draw(q_path, r_path, result, view == "mirror", caption), (
                 f"{name} branch, {view} view" if name else "")
