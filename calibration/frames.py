@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from common import UserError, cli
 from common.config import load_config
 from common.images import list_images
 from data.edits import apply_edit
@@ -110,18 +111,24 @@ def table(shares: Shares, what: str, photo: str) -> str:
     return "\n".join([*lines, f"threshold: {threshold:.2f}"])
 
 
+def report(folders: Sequence[Path], every: int) -> str:
+    """Both tables for every ``every``-th photo of ``folders``."""
+    photos = [p for folder in folders for p in list(list_images(folder).paths)[::every]]
+    if not photos:
+        raise UserError(f"no photos in {', '.join(map(str, folders))}: give training photos")
+    around, keypoints = measure(photos)
+    return "\n\n".join([table(around, "around the box (FLAT_SHARE)", "photo"),
+                        table(keypoints, "a keypoint's neighbourhood (PATCH_SHARE)",
+                              "photo beside")])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--photos", required=True, type=Path, nargs="+",
                         help="folders of training photos")
     parser.add_argument("--every", type=int, default=2, help="use every n-th photo")
     args = parser.parse_args(argv)
-    around, keypoints = measure([p for folder in args.photos
-                                 for p in list(list_images(folder).paths)[::args.every]])
-    print(table(around, "around the box (FLAT_SHARE)", "photo"))
-    print()
-    print(table(keypoints, "a keypoint's neighbourhood (PATCH_SHARE)", "photo beside"))
-    return 0
+    return cli.run_script(lambda: report(args.photos, args.every))
 
 
 if __name__ == "__main__":

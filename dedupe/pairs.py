@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from common.io import read_csv, read_inputs, write_csv, write_inputs, write_text
+from dedupe.groups import links
 
 UNORDERED = "unordered"  # suffix of the folder of a file made unordered
 
@@ -120,13 +121,10 @@ def two_hop(scores: Mapping[tuple[str, str], float], floor: float = 0.01,
     ``min(s(a, c), s(c, b))``, the weaker of the two links (so a look-alike linked weakly to
     a group scores no more than that link). Links under ``floor`` are left out, and each
     image lends only its ``fan`` best links (a logo in a thousand pictures costs 50**2)."""
-    linked: dict[str, dict[str, float]] = defaultdict(dict)
-    for (a, b), s in scores.items():
-        if s >= floor:
-            linked[a][b] = linked[b][a] = s
+    linked = links(((a, b, s) for (a, b), s in scores.items()), floor)
     found: dict[tuple[str, str], float] = {}
-    for links in linked.values():
-        best = sorted(links.items(), key=lambda t: (-t[1], t[0]))[:fan]
+    for neighbours in linked.values():
+        best = sorted(neighbours.items(), key=lambda t: (-t[1], t[0]))[:fan]
         for i, (a, sa) in enumerate(best):
             for b, sb in best[i + 1:]:
                 pair, s = key(a, b), min(sa, sb)
