@@ -60,6 +60,7 @@ RULES: dict[str, Rule] = {
     "local_search.block_mb": COUNT,
     "local_search.gpu_block_mb": COUNT,
     "local_search.query_batch": COUNT,
+    "local_search.index_part_mb": Rule(above=0, kind=NUMBER),
     "match_score.ratio": Rule(low=1),
     "match_score.ransac_px": Rule(above=0),
     "match_score.ransac_iters": COUNT,

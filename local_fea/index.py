@@ -4,9 +4,10 @@ Reference descriptors are identified by ``image_number << ROW_BITS | row`` (int6
 names its reference image without any side table. The CPU default is an IVF index from an
 ``index_factory`` string (``auto``: picked by the number of references, ``concrete_index``)
 whose quantiser was trained on training photos (never on the references: ISC rule), shipped
-under ``local_fea/assets``; ``ReferenceIndex`` keeps the
-populated index of a reference store on disk and extends it incrementally with new shards;
-removed references are left out at search time (``IndexSearch``). Exact search
+under ``local_fea/assets``; ``ReferenceIndex`` keeps the populated index of a reference store
+on disk, in parts of bounded size, and extends it incrementally with new shards; removed
+references are left out at search time (``IndexSearch``; ``PartedSearch`` reads the parts one
+at a time). Exact search
 (``"Flat"``, and always when GPUs are visible) loads reference blocks of bounded size into
 flat indexes (``common.knn``: float16 on every GPU, through faiss-gpu or torch) and merges
 each block's k-NN into a ``faiss.ResultHeap``, query batch by query batch, so memory is set
@@ -16,13 +17,12 @@ one block is loaded once and kept.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import faiss
 import numpy as np
@@ -39,12 +39,30 @@ ROW_BITS = 20
 EXACT = "Flat"
 DIM = 128
 AUTO = "auto"
-# index: auto -> (factory string, nprobe) by reference set size. Fewer lists make assigning a
-# descriptor to its list cheaper (a quarter of IVF4096's for IVF1024: what dominates adding
-# and searching up to ~10^4 references); more lists make the searched lists shorter (what
-# dominates at scale: IVF1024 at nprobe 8 scans twice the codes of IVF4096 at 16).
-AUTO_INDEXES = (("IVF1024,PQ64x4fs", 8), ("IVF4096,PQ64x4fs", 16))
-AUTO_SMALL_MAX_REFS = 15_000  # break-even estimated from measured costs (docs/architecture.md)
+
+
+class AutoIndex(NamedTuple):
+    """One step of ``index: auto``: the factory string and nprobe used for reference sets of
+    at most ``max_references`` images (None: no bound)."""
+
+    factory: str
+    nprobe: int
+    max_references: int | None
+
+
+# Fewer lists make assigning a descriptor to its list cheaper (what dominates adding and
+# searching up to ~10^4 references); more lists make the searched lists shorter (what
+# dominates at scale: the codes scanned per query descriptor are nprobe / nlist of all).
+# Beyond 30,000 references a 16,384-list quantiser searched through HNSW (trained by two-level
+# k-means) at nprobe 16 scans a quarter of the codes of IVF4096 at 16 and finds the same
+# copies; it costs twice as much to add to, and searching it costs more per query descriptor
+# before the lists are long: it is the cheaper index from about 33,000 references when one
+# query is searched for every four references added (docs/scale_bench.md; at nprobe 8 it lost
+# one of 150 copies against real distractors).
+AUTO_INDEXES = (AutoIndex("IVF1024,PQ64x4fs", 8, 15_000),
+                AutoIndex("IVF4096,PQ64x4fs", 16, 30_000),
+                AutoIndex("IVF16384_HNSW32,PQ64x4fs", 16, None))
+HNSW_EF_MIN = 64  # an HNSW coarse quantiser explores max(this, 2 nprobe) candidates
 
 
 def encode_ids(image_number: int, n: int) -> np.ndarray:
@@ -170,6 +188,12 @@ class ExactSearch:
         return heaps.result()
 
 
+def auto_index(n_references: int) -> AutoIndex:
+    """The step of ``AUTO_INDEXES`` for a reference set of ``n_references`` images."""
+    return next(a for a in AUTO_INDEXES
+                if a.max_references is None or n_references <= a.max_references)
+
+
 def concrete_index(conf: dict[str, Any], n_references: int) -> dict[str, Any]:
     """The ``local_search`` section with ``index: auto`` and ``nprobe: auto`` made concrete for
     a reference set of ``n_references`` images: ``auto`` takes the factory string of
@@ -177,12 +201,13 @@ def concrete_index(conf: dict[str, Any], n_references: int) -> dict[str, Any]:
     is kept."""
     index = conf["index"]
     if index == AUTO:
-        index = AUTO_INDEXES[n_references > AUTO_SMALL_MAX_REFS][0]
+        index = auto_index(n_references).factory
     nprobe = conf["nprobe"]
     if nprobe == AUTO and index != EXACT:  # exact search probes nothing
-        nprobe = dict(AUTO_INDEXES).get(index)
+        known = {a.factory: a.nprobe for a in AUTO_INDEXES}
+        nprobe = known.get(index)
         if nprobe is None:
-            raise UserError(f"local_search.nprobe: auto knows only {dict(AUTO_INDEXES)}: give "
+            raise UserError(f"local_search.nprobe: auto knows only {known}: give "
                             f"a number for {index!r}")
     return {**conf, "index": index, "nprobe": nprobe}
 
@@ -214,8 +239,16 @@ def write_index(index: faiss.Index, path: Path) -> None:
 
 
 def set_nprobe(index: faiss.Index, nprobe: int) -> None:
-    with contextlib.suppress(RuntimeError):  # not an IVF index: nothing to set
-        faiss.extract_index_ivf(index).nprobe = nprobe
+    """Search ``nprobe`` lists (an HNSW coarse quantiser explores at least ``HNSW_EF_MIN``
+    candidates for them); nothing to set for an index that is not IVF."""
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return
+    ivf.nprobe = nprobe
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):
+        quantizer.hnsw.efSearch = max(HNSW_EF_MIN, 2 * nprobe)
 
 
 def load_index(path: str | Path, nprobe: int) -> faiss.Index:
@@ -239,22 +272,32 @@ def removed_ids(store: ShardStore) -> np.ndarray:
     return np.concatenate(ids) if ids else np.zeros(0, np.int64)
 
 
+def exclusion(exclude: np.ndarray, nprobe: int | None) -> tuple[Any, tuple]:
+    """Search parameters that leave out the ids ``exclude`` (None when there are none; IVF
+    parameters with ``nprobe`` when it is given), and the selectors they point to, which the
+    caller keeps alive."""
+    if not len(exclude):
+        return None, ()
+    selector = faiss.IDSelectorBatch(np.ascontiguousarray(exclude, np.int64))
+    not_selected = faiss.IDSelectorNot(selector)
+    params = (faiss.SearchParameters(sel=not_selected) if nprobe is None else
+              faiss.SearchParametersIVF(sel=not_selected, nprobe=nprobe))
+    return params, (selector, not_selected)
+
+
 class IndexSearch:
     """Search a populated index, leaving out the descriptors of removed references (an
     ``IDSelector`` in the search parameters: the index itself is never edited)."""
 
     def __init__(self, index: faiss.Index, k: int, nprobe: int, exclude: np.ndarray,
                  query_batch: int = knn.QUERY_BATCH):
-        self.index, self.k, self.query_batch, self.params = index, k, query_batch, None
+        self.index, self.k, self.query_batch = index, k, query_batch
         set_nprobe(index, nprobe)
-        if len(exclude):
-            self._selector = faiss.IDSelectorBatch(np.ascontiguousarray(exclude, np.int64))
-            self._not = faiss.IDSelectorNot(self._selector)  # both kept alive here
-            try:
-                faiss.extract_index_ivf(index)
-                self.params = faiss.SearchParametersIVF(sel=self._not, nprobe=nprobe)
-            except RuntimeError:
-                self.params = faiss.SearchParameters(sel=self._not)
+        try:
+            faiss.extract_index_ivf(index)
+        except RuntimeError:
+            nprobe = None  # not an IVF index: no nprobe in its parameters
+        self.params, self._selectors = exclusion(exclude, nprobe)
 
     def __call__(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(queries, np.float32)
@@ -266,42 +309,121 @@ class IndexSearch:
         return np.concatenate([d for d, _ in parts]), np.concatenate([i for _, i in parts])
 
 
+class PartedSearch:
+    """Search an index kept as several part files (``ReferenceIndex``), one part in memory at a
+    time: each query descriptor is assigned to its lists once, by the trained quantiser that
+    all parts share, and every part scans those lists (``search_preassigned``), query batch
+    by query batch, into one result heap; the neighbours are those of a single index over all
+    parts. Threads that share it take turns (a lock), so a process never holds two parts;
+    every call reads every part once."""
+
+    def __init__(self, parts: list[Path], trained: faiss.Index, k: int, nprobe: int,
+                 exclude: np.ndarray, query_batch: int = knn.QUERY_BATCH):
+        self.parts, self.trained, self.k, self.nprobe = parts, trained, k, nprobe
+        self.query_batch = query_batch
+        set_nprobe(trained, nprobe)
+        self.quantizer = faiss.extract_index_ivf(trained).quantizer
+        self.params, self._selectors = exclusion(exclude, nprobe)
+        self._lock = threading.Lock()
+
+    def __call__(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        queries = np.ascontiguousarray(queries, np.float32)
+        n, batch = len(queries), self.query_batch
+        lists_d, lists = self.quantizer.search(queries, self.nprobe)
+        heap = faiss.ResultHeap(n, self.k)
+        with self._lock:
+            for path in self.parts:
+                part = faiss.read_index(str(path))  # owns what extract_index_ivf views
+                ivf = faiss.extract_index_ivf(part)
+                ivf.nprobe = self.nprobe
+                dist = np.empty((n, self.k), np.float32)
+                ids = np.empty((n, self.k), np.int64)
+                for s in range(0, n, batch):  # bounds faiss' buffers, as in IndexSearch
+                    e = min(n, s + batch)
+                    d, i = dist[s:e], ids[s:e]  # views of contiguous rows
+                    # the C++ call: the Python wrapper of search_preassigned takes no selector
+                    ivf.search_preassigned_c(
+                        e - s, faiss.swig_ptr(queries[s:e]), self.k, faiss.swig_ptr(lists[s:e]),
+                        faiss.swig_ptr(lists_d[s:e]), faiss.swig_ptr(d), faiss.swig_ptr(i),
+                        False, self.params)
+                heap.add_result(dist, ids)
+                del ivf, part
+        heap.finalize()
+        return heap.D, heap.I
+
+
 class ReferenceIndex:
     """The populated CPU index of a reference store, kept on disk and extended incrementally.
 
-    The file name records how many shards it holds (``index-<n>.faiss``); ``update`` adds any
-    shard the store gained since (nothing already in the index is encoded again), writes the
-    new file, and removes the old one. It holds every image of its shards: removed references
-    are left out at search time (``IndexSearch``), so taking an image out or putting it back
-    costs nothing here; delete the folder to reclaim their space (the index is rebuilt from
-    the stored features).
+    It is a chain of part files, each holding the descriptors of a run of reference shards
+    (``index-<end>.faiss`` from shard 0, ``index-<start>-<end>.faiss`` after it) and at most
+    about ``local_search.index_part_mb`` (a searching process holds one part at a time when
+    there are several: ``PartedSearch``). ``update`` adds any shard the store gained since
+    (nothing already in the index is encoded again) to the last part while it has room, then
+    to new parts, writes each file atomically, and removes the file it replaced. It holds
+    every image of its shards: removed references are left out at search time
+    (``IndexSearch``), so taking an image out or putting it back costs nothing here; delete
+    the folder to reclaim their space (the index is rebuilt from the stored features).
     """
 
     def __init__(self, folder: Path, conf: dict[str, Any], features_name: str):
         self.folder, self.conf, self.features_name = Path(folder), conf, features_name
 
-    def current(self) -> tuple[int, Path | None]:
-        """(shards held, file) of the index on disk; (0, None) if there is none."""
-        files = sorted(self.folder.glob("index-*.faiss"),
-                       key=lambda p: int(p.stem.split("-")[1]))
-        return (int(files[-1].stem.split("-")[1]), files[-1]) if files else (0, None)
+    def parts(self) -> list[tuple[int, int, Path]]:
+        """(first shard, end shard, file) of each part on disk, in order; a file an
+        interrupted update left behind (another file covers more from the same start) is not
+        one of them."""
+        longest: dict[int, tuple[int, Path]] = {}
+        for path in self.folder.glob("index-*.faiss"):
+            bounds = [int(b) for b in path.stem.split("-")[1:]]
+            start, end = (0, bounds[0]) if len(bounds) == 1 else bounds
+            if start < end and end > longest.get(start, (-1, path))[0]:
+                longest[start] = (end, path)
+        chain, start = [], 0
+        while start in longest:
+            end, path = longest[start]
+            chain.append((start, end, path))
+            start = end
+        return chain
 
-    def update(self, store: ShardStore) -> Path:
-        """Add the shards the store gained to the index file; return the file."""
-        n_done, path = self.current()
-        if path and n_done == len(store.shards):
-            return path
-        index = faiss.read_index(str(path)) if path else load_trained(self.conf,
-                                                                      self.features_name)
+    def current(self) -> tuple[int, list[Path]]:
+        """(shards held, part files) of the index on disk; (0, []) if there is none."""
+        chain = self.parts()
+        return (chain[-1][1] if chain else 0), [p for _, _, p in chain]
+
+    def _write(self, index: faiss.Index, start: int, end: int) -> Path:
+        path = self.folder / (f"index-{end}.faiss" if start == 0 else
+                              f"index-{start}-{end}.faiss")
+        write_index(index, path)
+        return path
+
+    def update(self, store: ShardStore) -> list[Path]:
+        """Add the shards the store gained to the index parts; return the part files."""
+        chain = self.parts()
+        n_done = chain[-1][1] if chain else 0
+        if chain and n_done == len(store.shards):
+            return [p for _, _, p in chain]
+        budget = self.conf["index_part_mb"] * 2**20  # of codes and ids, the quantiser aside
+        empty = trained_index_path(self.conf, self.features_name).stat().st_size
+        if chain and chain[-1][2].stat().st_size - empty < budget:  # room left: extend it
+            start, _, last = chain.pop()
+            index = faiss.read_index(str(last))
+        else:
+            start, index = n_done, load_trained(self.conf, self.features_name)
+        per_desc = index.sa_code_size() + 8  # code and id (the file adds list padding)
         log.info("adding %d reference shard(s) to the index", len(store.shards) - n_done)
         for k in tqdm(range(n_done, len(store.shards)), desc="index references", unit="shard",
                       dynamic_ncols=True, mininterval=0.5):
             desc, ids = shard_descriptors(store, k, range(len(store.shards[k])))
+            if index.ntotal and (index.ntotal + len(desc)) * per_desc > budget:
+                chain.append((start, k, self._write(index, start, k)))
+                index, start = load_trained(self.conf, self.features_name), k
             if len(desc):
                 index.add_with_ids(desc, ids)
-        new_path = self.folder / f"index-{len(store.shards)}.faiss"
-        write_index(index, new_path)
-        if path:
-            path.unlink()
-        log.info("index of %d reference shard(s) -> %s", len(store.shards), new_path)
-        return new_path
+        chain.append((start, len(store.shards), self._write(index, start, len(store.shards))))
+        paths = [p for _, _, p in chain]
+        for stale in set(self.folder.glob("index-*.faiss")) - set(paths):
+            stale.unlink()  # the part extended, or what an interrupted update left
+        log.info("index of %d reference shard(s) in %d part(s) -> %s", len(store.shards),
+                 len(paths), self.folder)
+        return paths

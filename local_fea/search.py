@@ -8,8 +8,9 @@ ratio test in which a neighbour no closer than the k-th counts nothing, and a re
 counts once per query descriptor. Votes are summed per (query view, reference) in sparse
 form; each query view keeps its C best references. Each query shard is one task of the
 execution layer (in this process, Faiss using ``run.n_jobs`` threads; or spread over the
-workers of a Dask cluster, each reading the index once) and writes its part atomically,
-named after the reference store's revision, so a restarted run resumes and a reference set
+workers of a Dask cluster, each reading the index once; an index in several parts is read
+once per task, so a task then takes a group of shards) and writes its part atomically, named
+after the reference store's revision, so a restarted run resumes and a reference set
 that gained or lost images is searched again. With GPUs the search runs in this process on
 all of them.
 """
@@ -35,11 +36,13 @@ from local_fea.index import (
     EXACT,
     ExactSearch,
     IndexSearch,
+    PartedSearch,
     ReferenceIndex,
     block_rows,
     concrete_index,
     decode_images,
     load_index,
+    load_trained,
     removed_ids,
     trained_index_path,
     use_gpu,
@@ -47,7 +50,7 @@ from local_fea.index import (
 
 STAGE = "local_search"
 COLUMNS = ["query_id", "view", "reference_id", "votes", "rank"]
-NOT_IN_NAME = ("block_mb", "gpu_block_mb", "query_batch")  # resources, not results
+NOT_IN_NAME = ("block_mb", "gpu_block_mb", "query_batch", "index_part_mb")  # resources
 
 
 def resolved(conf: dict[str, Any], references: ShardStore) -> dict[str, Any]:
@@ -108,49 +111,83 @@ def query_block(store: ShardStore, k: int) -> tuple[list[tuple[str, str]], np.nd
     return names, np.concatenate(owners), np.concatenate(descs).astype(np.float32)
 
 
-def search_shard(
-    k: int, queries: ShardStore, references: ShardStore, searcher, conf: dict[str, Any], out: Path
-) -> int:
-    """Search one query shard and write its candidates; return the number of rows."""
-    names, owners, desc = query_block(queries, k)
-    rows = []
-    if len(desc):
-        dist, ids = searcher(desc)
+def search_shards(ks: list[int], queries: ShardStore, references: ShardStore, searcher,
+                  conf: dict[str, Any], outs: list[Path]) -> int:
+    """Search query shards ``ks`` in one call of the searcher and write each one's candidates
+    to its file in ``outs``; return the number of rows."""
+    blocks = [query_block(queries, k) for k in ks]
+    names = [name for block in blocks for name in block[0]]
+    first = np.cumsum([0] + [len(block[0]) for block in blocks])
+    rows: list[list[tuple]] = [[] for _ in ks]
+    if names:
+        owners = np.concatenate([b[1] + f for b, f in zip(blocks, first[:-1], strict=True)])
+        dist, ids = searcher(np.concatenate([block[2] for block in blocks]))
+        shard_of = np.searchsorted(first, np.arange(len(names)), side="right") - 1
         for unit, ref, votes, rank in vote(owners, dist, ids, conf["candidates"]):
             image_id, view = names[unit]
-            rows.append((image_id, view, references.id_of(ref), f"{votes:.4f}", rank))
-    rows.sort(key=lambda r: (r[0], r[1], r[4]))
-    write_csv(out, COLUMNS, rows)
-    return len(rows)
+            rows[shard_of[unit]].append((image_id, view, references.id_of(ref),
+                                         f"{votes:.4f}", rank))
+    for part, out in zip(rows, outs, strict=True):
+        part.sort(key=lambda r: (r[0], r[1], r[4]))
+        write_csv(out, COLUMNS, part)
+    return sum(map(len, rows))
 
 
-def open_searcher(conf: dict[str, Any], references: ShardStore, index_path: Path | None):
+def query_groups(store: ShardStore, todo: list[int], parted: bool, part_mb: float,
+                 min_groups: int = 1) -> list[list[int]]:
+    """The query shards of each searcher call: one each; for an index in parts (every call
+    reads every part), as many as hold a quarter of a part's bytes of float32 descriptors,
+    in at least ``min_groups`` groups (a cluster's threads) where there are shards enough."""
+    if not parted:
+        return [[k] for k in todo]
+    sizes = [sum(int(v["desc"]["offsets"][-1]) for v in store.load(k)["views"].values())
+             for k in todo]
+    budget = min(part_mb * 2**20 / 4 / (4 * 128), sum(sizes) / max(1, min_groups))
+    groups: list[list[int]] = []
+    held = 0
+    for k, n in zip(todo, sizes, strict=True):
+        if not groups or held + n > budget:
+            groups.append([])
+            held = 0
+        groups[-1].append(k)
+        held += n
+    if len(groups) < min(min_groups, len(todo)):  # uneven shards: split by count instead
+        groups = [[int(k) for k in g] for g in np.array_split(todo, min(min_groups, len(todo)))]
+    return groups
+
+
+def open_searcher(conf: dict[str, Any], references: ShardStore, index_parts: list[Path] | None):
     """A function descriptors -> (squared distances, ids) over ``references``: the populated
-    index at ``index_path``, or exact search (None). The caller holds it while it searches;
-    dropping it frees the index or the resident references (host or GPU memory)."""
-    if index_path is None:
+    index (one part, kept in memory; several, read one at a time), or exact search (None).
+    The caller holds it while it searches; dropping it frees the index or the resident
+    references (host or GPU memory)."""
+    if index_parts is None:
         gpu = use_gpu(conf)
         return ExactSearch(references, conf["k"], gpu, block_rows(conf, gpu),
                            conf["query_batch"])
-    return IndexSearch(load_index(index_path, conf["nprobe"]), conf["k"], conf["nprobe"],
-                       removed_ids(references), conf["query_batch"])
+    exclude = removed_ids(references)
+    if len(index_parts) > 1:
+        return PartedSearch(index_parts, load_trained(conf, references.root.parent.name),
+                            conf["k"], conf["nprobe"], exclude, conf["query_batch"])
+    return IndexSearch(load_index(index_parts[0], conf["nprobe"]), conf["k"], conf["nprobe"],
+                       exclude, conf["query_batch"])
 
 
-def search_part(k: int, conf: dict[str, Any], queries: str, references: str,
-                index_path: str | None, parts: str, shared: str) -> int:
-    """A task on a Dask worker: search query shard ``k`` and write its part; return its
+def search_part(ks: list[int], conf: dict[str, Any], queries: str, references: str,
+                index_parts: list[str] | None, parts: str, shared: str) -> int:
+    """A task on a Dask worker: search query shards ``ks`` and write their parts; return their
     number of rows. The worker's threads share one reference store and searcher (read once
     per worker, dropped when the stage ends: ``common.dask_resources``, block ``shared``)."""
     from common.dask_resources import worker_resource
 
     faiss.omp_set_num_threads(1)
-    index = None if index_path is None else Path(index_path)
+    index = None if index_parts is None else [Path(p) for p in index_parts]
     ref_store, searcher = worker_resource(  # one stage call per block: one searcher
         shared, "searcher", lambda: (store := ShardStore(references),
                                      open_searcher(conf, store, index)))
     query_store = ShardStore(queries)
-    out = part_path(Path(parts), k, query_store, ref_store)
-    return search_shard(k, query_store, ref_store, searcher, conf, out)
+    outs = [part_path(Path(parts), k, query_store, ref_store) for k in ks]
+    return search_shards(ks, query_store, ref_store, searcher, conf, outs)
 
 
 def part_path(parts: Path, k: int, queries: ShardStore, references: ShardStore) -> Path:
@@ -197,15 +234,22 @@ def main(conf: dict[str, Any], queries: Path, references: Path, work_dir: str | 
                         "references removed -> %s", len(parts), len(todo), sconf["index"],
                         " (exact on GPUs)" if gpu else "", sconf["k"], sconf["candidates"],
                         len(ref_store.removed), len(ref_store), out)
-        index_path = None
+        index_parts = None
         if todo and sconf["index"] != EXACT and not gpu:
-            index_path = ReferenceIndex(index_folder(conf, ref_store.root, work_dir), sconf,
-                                        ref_store.root.parent.name).update(ref_store)
+            index_parts = ReferenceIndex(index_folder(conf, ref_store.root, work_dir), sconf,
+                                         ref_store.root.parent.name).update(ref_store)
         client = dask_client()
+        groups = query_groups(query_store, todo, len(index_parts or ()) > 1,
+                              sconf["index_part_mb"],
+                              1 if client is None else sum(client.nthreads().values()))
         if client is None or gpu:  # here, with Faiss threads or on every GPU of this node
-            searcher = open_searcher(sconf, ref_store, index_path) if todo else None
-            for k in tqdm(todo, desc="local search" + " (GPU)" * gpu, unit="shard"):
-                search_shard(k, query_store, ref_store, searcher, sconf, parts[k])
+            searcher = open_searcher(sconf, ref_store, index_parts) if todo else None
+            with tqdm(total=len(todo), desc="local search" + " (GPU)" * gpu,
+                      unit="shard") as bar:
+                for group in groups:
+                    search_shards(group, query_store, ref_store, searcher, sconf,
+                                  [parts[k] for k in group])
+                    bar.update(len(group))
             del searcher
         else:  # one task per query shard, spread over the Dask workers' threads
             from common.dask_resources import shared_on_workers
@@ -214,9 +258,9 @@ def main(conf: dict[str, Any], queries: Path, references: Path, work_dir: str | 
                 task = functools.partial(
                     search_part, conf=sconf, queries=str(query_store.root),
                     references=str(ref_store.root),
-                    index_path=None if index_path is None else str(index_path),
+                    index_parts=None if index_parts is None else list(map(str, index_parts)),
                     parts=str(out / "parts"), shared=shared)
-                for _ in parallel_map(task, todo, desc="local search", unit="shard"):
+                for _ in parallel_map(task, groups, desc="local search", unit="group"):
                     pass
         for stale in set((out / "parts").glob("part_*.csv")) - set(parts):
             stale.unlink()

@@ -84,11 +84,11 @@ def test_shipped_assets_are_found_from_any_folder(tmp_path: Path, monkeypatch) -
     """The installed ``copydet`` runs from anywhere: the configuration's relative asset paths
     resolve into the repository (the trained index was looked up from the current folder)."""
     from common.config import REPO_ROOT, file_digest, repo_path
-    from local_fea.index import AUTO_SMALL_MAX_REFS, concrete_index, trained_index_path
+    from local_fea.index import AUTO_INDEXES, concrete_index, trained_index_path
 
     monkeypatch.chdir(tmp_path)
     conf = load_config()
-    for n_references in (1, AUTO_SMALL_MAX_REFS + 1):  # each index auto picks
+    for n_references in (1, *(a.max_references + 1 for a in AUTO_INDEXES[:-1])):  # each one
         section = concrete_index(conf["local_search"], n_references)
         trained = trained_index_path(section, "rootsift-s300-k1000-x")
         assert trained.is_file() and trained.is_relative_to(REPO_ROOT)

@@ -16,7 +16,6 @@ from common.shards import ShardStore
 from local_fea import extract, search
 from local_fea.index import (
     AUTO_INDEXES,
-    AUTO_SMALL_MAX_REFS,
     ROW_BITS,
     concrete_index,
     decode_images,
@@ -149,14 +148,16 @@ def _candidate_sets(candidates: Path) -> dict[str, set[str]]:
     return out
 
 
-def test_the_default_index_keeps_the_copies_exact_search_finds(demo_stores) -> None:
-    """The default IVF index puts every true copy that exact search puts among a query's
-    candidates there too (the IVF4096 index it replaced lost one of the demo's), and most of
-    exact search's candidates."""
+@pytest.mark.parametrize("index", [DEFAULT_INDEX, AUTO_INDEXES[-1].factory])
+def test_the_auto_indexes_keep_the_copies_exact_search_finds(demo_stores, index) -> None:
+    """The default IVF index (and the large-set index ``auto`` picks at a million references)
+    puts every true copy that exact search puts among a query's candidates there too (the
+    IVF4096 index IVF1024 replaced lost one of the demo's), and most of exact search's
+    candidates."""
     conf, work, refs, queries = demo_stores
     exact, approx = (_candidate_sets(search.main(
         {**conf, "local_search": {**conf["local_search"], "index": name}}, queries, refs, work))
-        for name in ("Flat", DEFAULT_INDEX))
+        for name in ("Flat", index))
     with open(DATA / "gt.csv") as f:
         gt = {r["query_id"]: r["reference_id"] for r in csv.DictReader(f) if r["reference_id"]}
     found = {q for q, r in gt.items() if r in exact.get(q, set())}
@@ -169,10 +170,11 @@ def test_the_default_index_keeps_the_copies_exact_search_finds(demo_stores) -> N
 def test_auto_index_follows_the_reference_set_size(demo_stores) -> None:
     conf, work, refs, queries = demo_stores
     section = {**conf["local_search"], "index": "auto", "nprobe": "auto"}
-    small = concrete_index(section, AUTO_SMALL_MAX_REFS)
-    large = concrete_index(section, AUTO_SMALL_MAX_REFS + 1)
-    assert (small["index"], small["nprobe"]) == AUTO_INDEXES[0]
-    assert (large["index"], large["nprobe"]) == AUTO_INDEXES[1]
+    bounds = [a.max_references for a in AUTO_INDEXES[:-1]]
+    for step, n_references in enumerate([1, *(b + 1 for b in bounds)]):
+        for n in (n_references, bounds[step] if step < len(bounds) else 10**7):
+            picked = concrete_index(section, n)
+            assert (picked["index"], picked["nprobe"]) == AUTO_INDEXES[step][:2]
     assert concrete_index({**section, "nprobe": 3}, 1)["nprobe"] == 3  # a number given is kept
     assert concrete_index({**section, "index": "Flat"}, 10**6)["index"] == "Flat"
     with pytest.raises(UserError, match="give a number"):
@@ -230,3 +232,139 @@ def test_an_index_without_its_nprobe_stops_a_run_before_any_work(tmp_path: Path)
     with pytest.raises(UserError, match="give a number for 'IVF4096,SQ8'"):
         pipeline.run(conf, DATA / "queryimages", DATA / "referenceimages", tmp_path / "work")
     assert not (tmp_path / "work" / "local_fea").exists()
+
+
+def test_an_hnsw_quantiser_is_trained_by_two_level_kmeans(demo_stores, monkeypatch) -> None:
+    """``train_index.train`` fills an HNSW coarse quantiser with one centroid per list from
+    two-level k-means (no flat k-means over every list) and fits the codec: the trained index,
+    filled with the descriptors, finds most descriptors' exact nearest neighbours, and every
+    list's centroid lies among the descriptors (closer than the centroid of all of them)."""
+    from local_fea import train_index
+    from local_fea.index import set_nprobe
+
+    calls = []
+    two_level = train_index.two_level_clustering
+    monkeypatch.setattr(train_index, "two_level_clustering",
+                        lambda x, nc1, nc2, **kw: calls.append((nc1, nc2)) or two_level(
+                            x, nc1, nc2, **kw))
+    _, _, refs, _ = demo_stores
+    x = train_index.sample_descriptors(ShardStore(refs), 20_000)
+    index = train_index.train("IVF64_HNSW32,PQ32x4fs", x)
+    assert calls == [(8, 64)]
+    ivf = faiss.extract_index_ivf(index)
+    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+    assert index.is_trained and ivf.quantizer.ntotal == ivf.nlist == 64
+    nearest, _ = faiss.knn(centroids, x, 1)
+    assert np.median(nearest) < np.median(((x - x.mean(axis=0)) ** 2).sum(axis=1))
+    index.add(x)
+    set_nprobe(index, 8)
+    queries = x[::50] + np.float32(2.0)  # near a descriptor, not on it
+    _, truth = faiss.knn(queries, x, 1)
+    _, found = index.search(queries, 10)
+    assert np.mean([t in row for t, row in zip(truth[:, 0], found, strict=True)]) >= 0.9
+
+
+def test_an_index_in_parts_finds_what_one_index_finds(demo_stores, tmp_path: Path) -> None:
+    """With a small ``index_part_mb`` the populated index is a chain of parts, each within
+    the budget, extended as the store grows; searched one part at a time (``PartedSearch``)
+    it gives the neighbours of the index in one part, and leaves out removed references."""
+    import json
+    import shutil
+
+    from local_fea.index import (
+        IndexSearch,
+        PartedSearch,
+        ReferenceIndex,
+        load_index,
+        load_trained,
+        trained_index_path,
+        write_index,
+    )
+    from local_fea.train_index import sample_descriptors, train
+
+    conf, _, refs, queries = demo_stores
+    section = {**conf["local_search"], "index": "IVF64,PQ64x4fs", "nprobe": 8,
+               "trained_dir": str(tmp_path / "trained")}  # few lists: little list padding
+    features = refs.parent.name
+    grown = ShardStore(refs)
+    (tmp_path / "trained").mkdir()
+    write_index(train(section["index"], sample_descriptors(grown, 20_000)),
+                trained_index_path(section, features))
+    early = tmp_path / refs.name  # the same store before its last shard was added
+    shutil.copytree(refs, early)
+    manifest = json.loads((early / "manifest.json").read_text())
+    manifest["shards"] = manifest["shards"][:-1]
+    (early / "manifest.json").write_text(json.dumps(manifest))
+
+    sizes = [len(grown.load(k)["views"]["orig"]["desc"]["data"]) for k in range(3)]
+    assert len(grown.shards) == 3 and sizes[0] > sizes[2]
+    per_desc = load_trained(section, features).sa_code_size() + 8
+    budget_mb = (sizes[1] + (sizes[0] + sizes[2]) / 2) * per_desc / 2**20  # 1 and 2 fit, not 0+1
+    parted = ReferenceIndex(tmp_path / "parted", {**section, "index_part_mb": budget_mb},
+                            features)
+    first = parted.update(ShardStore(early))
+    parts = parted.update(grown)
+    assert len(first) == len(parts) == 2 and parted.current() == (len(grown.shards), parts)
+    assert first[0] == parts[0] and not first[1].exists()  # the last part was extended
+    assert [p.name for p in parts] == ["index-1.faiss", "index-1-3.faiss"]
+    (tmp_path / "parted" / "index-1-1.faiss").write_bytes(b"")  # a stray empty range
+    (tmp_path / "parted" / "index-1-2.faiss").write_bytes(b"")  # what an update replaced
+    assert [p for _, _, p in parted.parts()] == parts
+    for part in parts:
+        index = faiss.read_index(str(part))
+        assert index.ntotal * (index.sa_code_size() + 8) <= budget_mb * 2**20
+    (whole,) = ReferenceIndex(tmp_path / "whole", section, features).update(grown)
+
+    _, _, desc = search.query_block(ShardStore(queries), 0)
+    gone = encode_ids(3, 2000)  # every descriptor of reference image 3
+    for exclude in (np.zeros(0, np.int64), gone):
+        d_one, i_one = IndexSearch(load_index(whole, 8), 10, 8, exclude)(desc)
+        d_parts, i_parts = PartedSearch(parts, load_trained(section, features), 10, 8,
+                                        exclude)(desc)
+        np.testing.assert_allclose(d_parts, d_one, rtol=1e-5)
+        assert (i_parts == i_one).mean() > 0.99  # equal distances may swap places
+        for found in (i_one, i_parts):  # image 3 is a neighbour unless it is left out
+            assert (decode_images(found) == 3).any() == (len(exclude) == 0)
+
+
+def test_the_search_stage_reads_an_index_in_parts(demo_stores, tmp_path: Path) -> None:
+    """A small ``index_part_mb`` splits the stage's index into parts (three on the demo) and
+    the stage finds the candidates of the one-part index."""
+    conf, _, refs, queries = demo_stores
+    section = {**conf["local_search"], "index": "IVF1024,PQ64x4fs", "nprobe": 8}
+    runs = {}
+    for name, part_mb in (("whole", 8192), ("parts", 0.2)):
+        work = tmp_path / name
+        runs[name] = search.main({**conf, "local_search": {**section, "index_part_mb": part_mb}},
+                                 queries, refs, work)
+        (folder,) = (work / "local_index").glob("*/*")
+        assert len(list(folder.glob("index-*.faiss"))) == (1 if name == "whole" else 3)
+    rows = {n: {(r["query_id"], r["view"], r["reference_id"])
+                for r in csv.DictReader(p.read_text().splitlines())} for n, p in runs.items()}
+    assert rows["whole"] == rows["parts"] and rows["whole"]
+    # three query shards in one searcher call write what three calls wrote
+    store, ref_store = ShardStore(queries), ShardStore(refs)
+    (whole,) = (tmp_path / "whole" / "local_index").glob("*/*/index-*.faiss")
+    searcher = search.open_searcher(section, ref_store, [whole])
+    outs = [tmp_path / f"together_{k}.csv" for k in range(3)]
+    search.search_shards([0, 1, 2], store, ref_store, searcher, section, outs)
+    alone = sorted((runs["whole"].parent / "parts").glob("part_*.csv"))
+    assert [p.read_bytes() for p in outs] == [p.read_bytes() for p in alone]
+
+
+def test_an_index_in_parts_is_read_once_for_several_query_shards(demo_stores) -> None:
+    """Each searcher call over an index in parts reads every part, so query shards are
+    searched in groups holding up to a quarter of a part's bytes of descriptors; with one
+    part, one shard per call."""
+    _, _, _, queries = demo_stores
+    store = ShardStore(queries)
+    todo = list(range(len(store.shards)))
+    assert len(todo) == 3
+    sizes = [sum(int(v["desc"]["offsets"][-1]) for v in store.load(k)["views"].values())
+             for k in todo]
+    assert search.query_groups(store, todo, False, 10**6) == [[0], [1], [2]]
+    assert search.query_groups(store, todo, True, 10**6) == [todo]
+    two = (sizes[0] + sizes[1]) * 4 * 128 * 4 / 2**20  # the first two shards fill a group
+    assert search.query_groups(store, todo, True, two) == [[0, 1], [2]]
+    assert search.query_groups(store, [2, 0], True, 0.001) == [[2], [0]]
+    assert search.query_groups(store, todo, True, 10**6, min_groups=3) == [[0], [1], [2]]
