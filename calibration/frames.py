@@ -29,7 +29,7 @@ from tqdm import tqdm
 from common import UserError, cli
 from common.config import load_config
 from common.images import list_images
-from data.edits import apply_edit
+from data.edits import apply_edit, map_points
 from data.make_frames import QUERY_FRAMES
 from local_fea.features import ImageFeatures, extract_image
 from match_score.frames import Box, Frame, frame_levels, inside, level_share
@@ -40,9 +40,8 @@ Shares = dict[str, list[float]]
 
 def placed_box(transform: np.ndarray, size: tuple[int, int]) -> Box:
     """Where a picture of ``size`` lies after an edit's ``transform`` (a translation-scale)."""
-    corners = transform @ np.array([[0, 0, 1], [*size, 1]], np.float64).T
-    x, y = corners[:2] / corners[2]
-    return float(x[0]), float(y[0]), float(x[1]), float(y[1])
+    x1, y1, x2, y2 = map_points(transform, [(0, 0), size]).ravel().tolist()
+    return x1, y1, x2, y2
 
 
 def noise(img: Image.Image) -> bool:

@@ -238,17 +238,18 @@ def write_index(index: faiss.Index, path: Path) -> None:
         faiss.write_index(index, str(tmp))
 
 
-def set_nprobe(index: faiss.Index, nprobe: int) -> None:
+def set_nprobe(index: faiss.Index, nprobe: int) -> bool:
     """Search ``nprobe`` lists (an HNSW coarse quantiser explores at least ``HNSW_EF_MIN``
-    candidates for them); nothing to set for an index that is not IVF."""
+    candidates for them); return whether ``index`` is IVF (nothing to set otherwise)."""
     try:
         ivf = faiss.extract_index_ivf(index)
     except RuntimeError:
-        return
+        return False
     ivf.nprobe = nprobe
     quantizer = faiss.downcast_index(ivf.quantizer)
     if isinstance(quantizer, faiss.IndexHNSW):
         quantizer.hnsw.efSearch = max(HNSW_EF_MIN, 2 * nprobe)
+    return True
 
 
 def load_index(path: str | Path, nprobe: int) -> faiss.Index:
@@ -292,12 +293,8 @@ class IndexSearch:
     def __init__(self, index: faiss.Index, k: int, nprobe: int, exclude: np.ndarray,
                  query_batch: int = knn.QUERY_BATCH):
         self.index, self.k, self.query_batch = index, k, query_batch
-        set_nprobe(index, nprobe)
-        try:
-            faiss.extract_index_ivf(index)
-        except RuntimeError:
-            nprobe = None  # not an IVF index: no nprobe in its parameters
-        self.params, self._selectors = exclusion(exclude, nprobe)
+        ivf = set_nprobe(index, nprobe)
+        self.params, self._selectors = exclusion(exclude, nprobe if ivf else None)
 
     def __call__(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(queries, np.float32)
@@ -386,11 +383,6 @@ class ReferenceIndex:
             start = end
         return chain
 
-    def current(self) -> tuple[int, list[Path]]:
-        """(shards held, part files) of the index on disk; (0, []) if there is none."""
-        chain = self.parts()
-        return (chain[-1][1] if chain else 0), [p for _, _, p in chain]
-
     def _write(self, index: faiss.Index, start: int, end: int) -> Path:
         path = self.folder / (f"index-{end}.faiss" if start == 0 else
                               f"index-{start}-{end}.faiss")
@@ -404,13 +396,15 @@ class ReferenceIndex:
         if chain and n_done == len(store.shards):
             return [p for _, _, p in chain]
         budget = self.conf["index_part_mb"] * 2**20  # of codes and ids, the quantiser aside
-        empty = trained_index_path(self.conf, self.features_name).stat().st_size
-        if chain and chain[-1][2].stat().st_size - empty < budget:  # room left: extend it
-            start, _, last = chain.pop()
-            index = faiss.read_index(str(last))
-        else:
-            start, index = n_done, load_trained(self.conf, self.features_name)
+        start, index = n_done, load_trained(self.conf, self.features_name)
         per_desc = index.sa_code_size() + 8  # code and id (the file adds list padding)
+        if chain:  # extend the last part if the next shard fits in it (file size: an upper
+            # bound on what the part holds, so the loop below never splits it at once)
+            empty = trained_index_path(self.conf, self.features_name).stat().st_size
+            upcoming = int(store.load(n_done, cache=False)["views"]["orig"]["desc"]["offsets"][-1])
+            if chain[-1][2].stat().st_size - empty + upcoming * per_desc <= budget:
+                start, _, last = chain.pop()
+                index = faiss.read_index(str(last))
         log.info("adding %d reference shard(s) to the index", len(store.shards) - n_done)
         for k in tqdm(range(n_done, len(store.shards)), desc="index references", unit="shard",
                       dynamic_ncols=True, mininterval=0.5):

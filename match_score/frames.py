@@ -16,6 +16,7 @@ homography fitted on all inliers. The figures: ``python -m calibration.frames``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,17 +41,26 @@ BOX_COLUMNS = ("query_id", "x1", "y1", "x2", "y2", "used_for")  # of boxes.csv, 
 
 
 def content_boxes(boxes: Path | None) -> dict[str, Box]:
-    """The boxes of ``boxes.csv`` that the crop-local branch uses, by image id."""
+    """The boxes of ``boxes.csv`` that the crop-local branch uses, by image id (each file
+    version read once per process: the stage names its output by them, every task uses
+    them)."""
     if boxes is None:
         return {}
     if not Path(boxes).is_file():
         raise UserError(f"no boxes at {boxes}: give the boxes.csv that `copydet detect` printed")
+    stat = Path(boxes).stat()
+    return dict(_read_boxes(str(boxes), stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=8)
+def _read_boxes(boxes: str, _size: int, _mtime_ns: int) -> tuple[tuple[str, Box], ...]:
     rows = read_csv(boxes)
     if rows and not set(BOX_COLUMNS) <= set(rows[0]):
         raise UserError(f"{boxes} is not a boxes.csv of `copydet detect` (columns "
                         f"{', '.join(BOX_COLUMNS)})")
-    return {r["query_id"]: (float(r["x1"]), float(r["y1"]), float(r["x2"]), float(r["y2"]))
-            for r in rows if "local" in r["used_for"].split("+")}
+    return tuple((r["query_id"], (float(r["x1"]), float(r["y1"]), float(r["x2"]),
+                                   float(r["y2"])))
+                 for r in rows if "local" in r["used_for"].split("+"))
 
 
 def outside(shape: tuple[int, int], box: Box, size: tuple[int, int]) -> np.ndarray:

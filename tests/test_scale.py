@@ -183,7 +183,7 @@ def test_incremental_add_gives_the_candidates_of_a_rebuild(demo_sets, tmp_path: 
     parts = sorted((out / "parts").iterdir())
     assert len(parts) == len(ShardStore(query_store).shards)
     if index != "Flat":  # updated in place: only the two new shards were encoded
-        assert ReferenceIndex(index_dir, conf["local_search"], "").current()[0] == 6
+        assert ReferenceIndex(index_dir, conf["local_search"], "").parts()[-1][1] == 6
         assert [p.name for p in index_dir.iterdir()] == ["index-6.faiss"]
         logs = "".join(p.read_text() for p in sorted((work / "runs").glob("*search*/run.log")))
         assert logs.index("adding 4 reference shard(s)") < logs.index("adding 2 reference")
@@ -224,7 +224,7 @@ def test_removed_references_leave_the_results(demo_sets, tmp_path: Path, index: 
     if index != "Flat":  # the index was not touched: removed images are filtered out
         index_dir, _ = _search_files(work)
         assert [p.name for p in index_dir.iterdir()] == ["index-6.faiss"]
-        assert ReferenceIndex(index_dir, conf["local_search"], "").current()[0] == 6
+        assert ReferenceIndex(index_dir, conf["local_search"], "").parts()[-1][1] == 6
 
     for ref in gone:  # back again: the same candidates as before
         shutil.move(moved / f"{ref}.jpg", refs / f"{ref}.jpg")
