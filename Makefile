@@ -23,7 +23,7 @@ ARGS = --work $(WORK) $(SETTINGS)
 
 .PHONY: install demo all eval report test test-fast lint gpu-check bench-pipeline bench bench-global bench-detect bench-scale capacity \
 	train-index calibrate hard-sets same-setting frame-set lookalike-groups train-split more-split train-verifier train-global global-assets calibrate-fusion \
-	train-detector clean dedupe dedupe-set dedupe-bench calibrate-dedupe frame-levels
+	train-detector clean dedupe dedupe-set dedupe-bench dedupe-scale calibrate-dedupe frame-levels
 
 install: $(VENV)/.installed
 
@@ -58,6 +58,12 @@ dedupe-set: more-split
 
 dedupe-bench: dedupe-set
 	nice -n 10 $(PY) -m bench.bench_dedupe --bench $(WORK)/dedupe-bench --work $(WORK)/bench-dedupe
+
+# The time of `copydet dedupe` on N images against `copydet run` on them split 1:4 (the
+# training photos, then edited copies of them up to N; docs/results.md#deduplication).
+N ?= 20000
+dedupe-scale: install
+	$(PY) -m bench.bench_dedupe_scale --n $(N) --work $(WORK)/dedupe-scale
 
 eval: install
 	$(PY) -m evaluation.isc_metric --predictions $(SUBMISSION) --gt $(GT) \

@@ -97,6 +97,7 @@ RULES: dict[str, Rule] = {
     "merge.max_pairs": COUNT,
     "dedupe.threshold": Rule(low=0, high=1),
     "dedupe.grouping": Rule(choices=("star", "components")),
+    "dedupe.candidates": Rule(low=0, kind=(int,)),
     "preprocess.imgsz": Rule(low=32),
     "preprocess.device": DEVICE,
     "preprocess.batch": COUNT,

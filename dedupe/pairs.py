@@ -35,9 +35,11 @@ def key(a: str, b: str) -> tuple[str, str]:
     return (a, b) if a <= b else (b, a)
 
 
-def unordered_path(ordered: Path) -> Path:
-    """Where the unordered form of ``<folder>/<file>`` goes: ``<folder>-unordered/<file>``."""
-    return ordered.parent.with_name(f"{ordered.parent.name}-{UNORDERED}") / ordered.name
+def unordered_path(ordered: Path, variant: str = "") -> Path:
+    """Where the unordered form of ``<folder>/<file>`` goes: ``<folder>-unordered/<file>``
+    (``<folder>-unordered-<variant>/<file>`` for a variant of it)."""
+    name = "-".join(filter(None, [ordered.parent.name, UNORDERED, variant]))
+    return ordered.parent.with_name(name) / ordered.name
 
 
 def best_rows(rows: Iterable[dict[str, str]], value: str, query: str = "query_id",
@@ -55,17 +57,33 @@ def best_rows(rows: Iterable[dict[str, str]], value: str, query: str = "query_id
     return [best[k] for k in sorted(best)]
 
 
-def unordered_file(ordered: Path, value: str, extra: Sequence[str] = ()) -> Path:
+def best_per_query(rows: Iterable[dict[str, str]], value: str, n: int,
+                   query: str = "query_id", reference: str = "reference_id") -> list[dict]:
+    """The ``n`` rows of highest ``value`` of each query (over all its views), ties by
+    reference id; rows of an image with itself do not count."""
+    by_query: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for row in rows:
+        if row[query] != row[reference]:
+            by_query[row[query]].append(row)
+    return [row for q in sorted(by_query) for row in
+            sorted(by_query[q], key=lambda r: (-float(r[value]), r[reference]))[:n]]
+
+
+def unordered_file(ordered: Path, value: str, extra: Sequence[str] = (),
+                   per_query: int = 0) -> Path:
     """``ordered`` (a CSV of query/reference rows) with one row per unordered pair (the best
-    by ``value``), beside it; its ``inputs.json`` is carried over. Made once per content of
-    ``ordered`` (written atomically, so a killed run makes it again)."""
-    out = unordered_path(ordered)
+    by ``value``), beside it; its ``inputs.json`` is carried over. With ``per_query``, only
+    the best ``per_query`` rows of each query (``best_per_query``) are taken. Made once per
+    content of ``ordered`` (written atomically, so a killed run makes it again)."""
+    out = unordered_path(ordered, f"top{per_query}" if per_query else "")
     stamp = out.with_name("source.sha1")
     source = hashlib.sha1(ordered.read_bytes()).hexdigest()
     if out.exists() and stamp.exists() and stamp.read_text() == source:
         return out
     rows = read_csv(ordered)
     header = list(rows[0]) if rows else _header(ordered)
+    if per_query:
+        rows = best_per_query(rows, value, per_query)
     write_csv(out, header, [[r[c] for c in header] for r in best_rows(rows, value, extra=extra)])
     if ordered.with_name("inputs.json").exists():
         write_inputs(out, **read_inputs(ordered))
@@ -78,19 +96,12 @@ def _header(path: Path) -> list[str]:
         return f.readline().strip().split(",")
 
 
-def unordered_candidates(candidates: Path) -> Path:
+def unordered_candidates(candidates: Path, per_image: int = 0) -> Path:
     """``local_fea.search``'s candidates of a store against itself, one row per unordered
-    pair and view (the most votes), for ``match_score.verify``."""
-    return unordered_file(candidates, "votes", extra=("view",))
-
-
-def other_images(candidates: Path) -> Path:
-    """Candidates of crops against the folder they were cut from, less each crop's own image
-    (the query ids are kept: a crop stays the query of its pairs)."""
-    out = candidates.parent.with_name(f"{candidates.parent.name}-others") / candidates.name
-    rows = [r for r in read_csv(candidates) if r["query_id"] != r["reference_id"]]
-    header = list(rows[0]) if rows else _header(candidates)
-    return write_csv(out, header, [[r[c] for c in header] for r in rows])
+    pair and view (the most votes), for ``match_score.verify``; with ``per_image``, each
+    image's best that many over both its views (a photo with no copy fills its mirror
+    view's list with chance neighbours, and a flipped copy tops the mirror view)."""
+    return unordered_file(candidates, "votes", extra=("view",), per_query=per_image)
 
 
 def identical_files(ids: Sequence[str], paths: Sequence[Path]) -> list[tuple[str, str]]:

@@ -64,16 +64,21 @@ def search_root(conf: dict[str, Any], features_name: str, work_dir: str | Path) 
 
 
 def vote(
-    units: np.ndarray, dist: np.ndarray, ids: np.ndarray, candidates: int
+    units: np.ndarray, dist: np.ndarray, ids: np.ndarray, candidates: int,
+    own: np.ndarray | None = None,
 ) -> list[tuple[int, int, float, int]]:
     """Top-``candidates`` (unit, reference number, votes, rank) from k-NN results.
 
-    ``units[i]`` is the query view that descriptor ``i`` belongs to.
+    ``units[i]`` is the query view that descriptor ``i`` belongs to; ``own[u]``, where given,
+    the reference number of unit ``u``'s own image (or -1), which gets no votes: the
+    neighbours a descriptor finds in its own image take no candidate's place.
     """
     refs = decode_images(ids)
     dist = np.where(refs >= 0, dist, -np.inf)
     far = dist.max(axis=1, keepdims=True)  # the k-th (last found) neighbour's distance
     weight = np.where(far > 0, np.clip(1.0 - dist / np.where(far > 0, far, 1), 0, 1), 0)
+    if own is not None:
+        refs = np.where(refs == own[units][:, None], -1, refs)
     weight[refs < 0] = 0
     for j in range(1, refs.shape[1]):  # a reference counts once per query descriptor
         weight[:, j][(refs[:, :j] == refs[:, j:j + 1]).any(axis=1)] = 0
@@ -123,7 +128,9 @@ def search_shards(ks: list[int], queries: ShardStore, references: ShardStore, se
         owners = np.concatenate([b[1] + f for b, f in zip(blocks, first[:-1], strict=True)])
         dist, ids = searcher(np.concatenate([block[2] for block in blocks]))
         shard_of = np.searchsorted(first, np.arange(len(names)), side="right") - 1
-        for unit, ref, votes, rank in vote(owners, dist, ids, conf["candidates"]):
+        own = np.array([references.number(i) if conf["skip_same_id"] and i in references
+                        else -1 for i, _ in names], np.int64)
+        for unit, ref, votes, rank in vote(owners, dist, ids, conf["candidates"], own):
             image_id, view = names[unit]
             rows[shard_of[unit]].append((image_id, view, references.id_of(ref),
                                          f"{votes:.4f}", rank))

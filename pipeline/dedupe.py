@@ -1,9 +1,10 @@
 """``copydet dedupe``: the pipeline on one folder, each image described once, each unordered
-pair searched, verified and scored once; then groups, the image to keep, the lists.
+pair verified and scored once; then groups, the image to keep, the lists.
 
 ```
 images ─► local_fea.extract (query settings, mirror view derived) ─► one store S
-  S against S ─► local_fea.search ─► candidates ─► dedupe.pairs (unordered, once)
+  S against S ─► local_fea.search (no image its own candidate) ─► candidates
+             ─► dedupe.pairs (each image's best dedupe.candidates; unordered, once)
              ─► match_score.verify (inliers on a frame the detector found: no evidence)
              ─► pairs (local)
 images ─► global_fea.extract (no mirror: dedupe.global_mirror) ─► one h5 (references link to
@@ -36,7 +37,6 @@ from dedupe import groups as grouping
 from dedupe.pairs import (
     frame_gate,
     identical_files,
-    other_images,
     two_hop,
     unordered_candidates,
     unordered_file,
@@ -62,7 +62,8 @@ def local_pairs(conf: dict[str, Any], images: ImageSet, work: Path, record: Reco
     """The local branch: S searched in S, each unordered pair verified once (the inliers on
     a frame of either image are no evidence: ``match_score.frames``)."""
     found = record("local_fea.search", images.name, search.main, conf, store, store, work)
-    candidates = record("dedupe.pairs", "local candidates", unordered_candidates, found)
+    candidates = record("dedupe.pairs", "local candidates", unordered_candidates, found,
+                        conf["dedupe"]["candidates"])
     boxes = frame_boxes(conf, images, work, record)
     pairs = record("match_score.verify", images.name, verify.main, conf, store, store,
                    candidates, work, boxes, boxes)
@@ -75,8 +76,8 @@ def crop_local_pairs(conf: dict[str, Any], images: ImageSet, work: Path, record:
     boxes = record("preprocess.detect", images.name, detect.main, conf, images, work)
     crops = detect.crop_set(boxes, "local")
     crop_store = record("local_fea.extract", crops.name, extract.main, conf, crops, work, True)
-    found = record("local_fea.search", crops.name, search.main, conf, crop_store, store, work)
-    candidates = record("dedupe.pairs", "crop candidates", other_images, found)
+    candidates = record("local_fea.search", crops.name, search.main, conf, crop_store, store,
+                        work)  # a crop's own image is no candidate (local_search.skip_same_id)
     pairs = record("match_score.verify", crops.name, verify.main, conf, crop_store, store,
                    candidates, work, None, frame_boxes(conf, images, work, record))
     return {"pairs": record("dedupe.pairs", "crop_local", unordered_file, pairs, "score"),
@@ -168,7 +169,8 @@ def dedupe(conf: dict[str, Any], images: str | Path, work: str | Path,
 def _dedupe(conf: dict[str, Any], images: ImageSet, work: Path, out: Path) -> Path:
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     conf = {**conf, "global_fea": {**conf["global_fea"],
-                                   "mirror_queries": conf["dedupe"]["global_mirror"]}}
+                                   "mirror_queries": conf["dedupe"]["global_mirror"]},
+            "local_search": {**conf["local_search"], "skip_same_id": True}}
     branches = selected(conf["merge"]["branches"])
     if conf["merge"]["method"] != "fusion":
         raise UserError(f"copydet dedupe scores pairs with its fusion only, not "

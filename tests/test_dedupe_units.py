@@ -23,6 +23,18 @@ def test_each_unordered_pair_is_one_row_with_the_smaller_id_first(tmp_path: Path
     assert best_rows([{"query_id": "x", "reference_id": "x", "s": "1"}], "s") == []
 
 
+def test_each_image_keeps_its_best_candidates_over_both_views(tmp_path: Path) -> None:
+    found = tmp_path / "search" / "s-vs-s" / "candidates.csv"
+    write_csv(found, ["query_id", "view", "reference_id", "votes", "rank"], [
+        ("a", "orig", "b", "9.0", 0), ("a", "orig", "c", "1.0", 1), ("a", "mirror", "d", "4.0", 0),
+        ("a", "mirror", "e", "0.5", 1), ("b", "orig", "c", "0.2", 0), ("d", "orig", "e", "3", 0)])
+    two = unordered_candidates(found, per_image=2)
+    assert two.parent.name == "s-vs-s-unordered-top2"  # beside the list of all
+    assert [(r["query_id"], r["reference_id"], r["view"]) for r in read_csv(two)] == [
+        ("a", "b", "orig"), ("a", "d", "mirror"), ("b", "c", "orig"), ("d", "e", "orig")]
+    assert len(read_csv(unordered_candidates(found))) == 6
+
+
 def test_two_hop_scores_copies_of_one_image_by_their_weaker_link() -> None:
     scores = {("a", "c"): 0.9, ("b", "c"): 0.6, ("c", "d"): 0.005, ("a", "b"): 0.1}
     assert two_hop(scores) == {("a", "b"): 0.6}  # d's link is under the floor

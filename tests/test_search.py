@@ -140,6 +140,33 @@ def test_search_stage_finds_the_copies(demo_stores, index: str) -> None:
     assert {v for _, v in per_view} == {"orig", "mirror"}
 
 
+def _ranked(candidates: Path) -> dict[tuple[str, str], list[tuple[str, str]]]:
+    out: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    with open(candidates) as f:
+        for row in csv.DictReader(f):
+            out.setdefault((row["query_id"], row["view"]), []).append(
+                (row["reference_id"], row["votes"]))
+    return out
+
+
+def test_a_store_searched_in_itself_skips_each_query_s_own_image(demo_stores) -> None:
+    """With ``skip_same_id`` (``copydet dedupe``) no query view is its own candidate: its
+    list is the one without the setting less its own image, one more reference after it."""
+    conf, work, _, queries = demo_stores
+    kept, skipped = (_ranked(search.main(
+        {**conf, "local_search": {**conf["local_search"], "skip_same_id": skip}}, queries,
+        queries, work)) for skip in (False, True))
+    assert kept.keys() == skipped.keys()
+    with_own = [key for key, ranked in kept.items() if key[0] in {r for r, _ in ranked}]
+    assert len(with_own) >= len(kept) / 2  # every original view finds itself, most mirrors
+    for (query, view), ranked in skipped.items():
+        others = [rv for rv in kept[(query, view)] if rv[0] != query]
+        assert query not in {r for r, _ in ranked}
+        assert ranked[:len(others)] == others  # the same votes: nothing else changed
+        assert len(ranked) <= conf["local_search"]["candidates"]
+    assert sum(len(skipped[k]) > len(kept[k]) - 1 for k in with_own) >= len(with_own) / 2
+
+
 def _candidate_sets(candidates: Path) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
     with open(candidates) as f:
