@@ -189,10 +189,12 @@ def _run(conf: dict[str, Any], query_set: ImageSet, reference_set: ImageSet, wor
         fuse.fusion_model(conf, fusion)
     concrete_index(conf["local_search"], len(reference_set))  # nprobe auto, an unknown index
     checks.before_work(conf, branches, query_set, reference_set, work)  # devices, free space
+    same_set = query_set.root.resolve() == reference_set.root.resolve()
+    if same_set:  # an image's local candidates are the other images
+        conf = {**conf, "local_search": {**conf["local_search"], "skip_same_id": True}}
     record = Record()
     outputs = run_branches(conf, query_set, reference_set, work, record)
     pair_files = {name: o["pairs"] for name, o in outputs.items()}
-    same_set = query_set.root.resolve() == reference_set.root.resolve()
     submission = record("merge.fuse", "", fuse.main, conf, fusion, pair_files, work, out,
                         same_set)
     write_json(work / RECORD, {

@@ -24,7 +24,7 @@ from common import UserError, safe_pickle
 from common.cli import EXIT_BUG, EXIT_USER_ERROR, report_errors
 from common.config import DEFAULT_CONFIG, REPO_ROOT, load_config
 from common.images import list_images
-from common.io import clean_stale_tmp, dump_joblib
+from common.io import clean_stale_tmp, dump_joblib, read_csv
 from common.lock import work_lock
 from common.schema import validate
 from common.shards import ShardStore
@@ -243,6 +243,8 @@ def test_queries_equal_to_references_find_copies_among_the_other_images(tmp_path
     assert max(scores.get(p, 0.0) for p in copies) > 0.5
     record = json.loads((tmp_path / "work" / "pipeline.json").read_text())
     assert record["self_pairs_left_out"] is True
+    candidates = read_csv(Path(record["branches"]["local"]["candidates"]))
+    assert candidates and all(r["query_id"] != r["reference_id"] for r in candidates)
 
 
 # One-line errors ---------------------------------------------------------------------------
