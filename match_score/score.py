@@ -25,8 +25,10 @@ READ = ("inliers", "matches", "dense_agree", "dense_cells", "coverage")  # verif
 FIT_HINT = "make calibrate (copydet calibrate --photos <training photos>)"
 
 
-def feature_matrix(rows: Sequence[Mapping[str, object]]) -> np.ndarray:
-    """Model inputs from verification rows (dicts with ``geometry.FIELDS`` keys)."""
+def feature_matrix(rows: Sequence[Mapping[str, object]],
+                   inliers: np.ndarray | None = None) -> np.ndarray:
+    """Model inputs from verification rows (dicts with ``geometry.FIELDS`` keys);
+    ``inliers``: their ``evidence_inliers`` where already known."""
     missing = [f for f in READ if rows and f not in rows[0]]
     if missing:
         raise UserError(f"verified pairs without {missing} (written by an older version): "
@@ -35,7 +37,8 @@ def feature_matrix(rows: Sequence[Mapping[str, object]]) -> np.ndarray:
     def col(name: str) -> np.ndarray:
         return np.array([float(r[name]) for r in rows], np.float64)
 
-    inliers, matches = evidence_inliers(rows), col("matches")
+    inliers = evidence_inliers(rows) if inliers is None else inliers
+    matches = col("matches")
     agree, cells = col("dense_agree"), col("dense_cells")
     return np.stack([
         np.log1p(inliers),
@@ -60,13 +63,20 @@ def evidence_inliers(rows: Sequence[Mapping[str, object]]) -> np.ndarray:
 class ScoreModel(LogisticModel):
     """The local score: ``common.logistic.LogisticModel`` over ``FEATURES`` of verified rows."""
 
+    def scored(self, rows: Sequence[Mapping[str, object]]
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each row's logit, probability of a copy (0 without evidence: no inlier off a
+        frame) and ``evidence_inliers``, the rows read once."""
+        inliers = evidence_inliers(rows)
+        x = feature_matrix(rows, inliers)
+        return self.decision(x), np.where(inliers == 0, 0.0, self.probability(x)), inliers
+
     def logit(self, rows: Sequence[Mapping[str, object]]) -> np.ndarray:
-        return self.decision(feature_matrix(rows))
+        return self.scored(rows)[0]
 
     def predict(self, rows: Sequence[Mapping[str, object]]) -> np.ndarray:
         """Probability of a copy for each row; no evidence (no inlier off a frame) scores 0."""
-        p = self.probability(feature_matrix(rows))
-        return np.where(evidence_inliers(rows) == 0, 0.0, p)
+        return self.scored(rows)[1]
 
     @classmethod
     def fit(cls, rows: Sequence[Mapping[str, object]], labels: np.ndarray,

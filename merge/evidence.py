@@ -26,7 +26,7 @@ from common.config import REPO_ROOT, digest
 from common.io import read_csv, read_inputs
 from global_fea.search import GlobalScorer
 from local_fea.features import LocalFeatures
-from match_score.score import ScoreModel, evidence_inliers
+from match_score.score import ScoreModel
 from match_score.verify import verify_pairs
 
 Pair = tuple[str, str]
@@ -50,10 +50,7 @@ def local_evidence(rows: list[dict[str, str]], conf: dict[str, Any],
     evidence = Evidence()
     if not rows:
         return evidence
-    logits = model.logit(rows)
-    probs = model.predict(rows)
-    for row, logit, prob, inliers in zip(rows, logits, probs, evidence_inliers(rows),
-                                         strict=True):
+    for row, logit, prob, inliers in zip(rows, *model.scored(rows), strict=True):
         pair = (row["query_id"], row["reference_id"])
         value = max(float(logit), LOGIT_FLOOR) if inliers > 0 else LOGIT_FLOOR
         if pair not in evidence.scores or prob > evidence.scores[pair] or (
