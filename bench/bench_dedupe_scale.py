@@ -3,7 +3,7 @@
 
     make dedupe-scale N=20000    # python -m bench.bench_dedupe_scale --n 20000
 
-The folder (``<work>/images``): every readable photo of ``--photos`` (the training photos),
+The folder (``<work>/images-<hash>``): every readable photo of ``--photos`` (the training photos),
 then edited copies of them in turn (``data.edits.random_chain``: one or two random edits,
 seeded per image, textures for backgrounds) until there are ``--n`` images; made once,
 resumed where it stopped. The run takes every fifth image (by name) as a query and the
@@ -28,8 +28,8 @@ import numpy as np
 
 from bench.memory import measure
 from common import cli
-from common.config import REPO_ROOT
-from common.io import write_csv
+from common.config import REPO_ROOT, digest
+from common.io import clean_stale_tmp, write_csv, write_json
 from common.parallel import parallel_map, spread
 from data.edits import random_chain
 from data.photos import load_photo, readable_photos, save_jpeg
@@ -39,7 +39,6 @@ PHOTOS = (REPO_ROOT.parent / "shared" / "trainset" / "photos",
           REPO_ROOT.parent / "shared" / "trainset" / "more_photos")
 COPYDET = [sys.executable, "-m", "copydet"]  # this checkout's, wherever the venv points
 QUERY_EVERY = 5
-TRUTH = "groups.csv"
 
 
 def edit_copies(task: tuple[list[tuple[int, str]], str, int]) -> int:
@@ -54,11 +53,14 @@ def edit_copies(task: tuple[list[tuple[int, str]], str, int]) -> int:
     return len(todo)
 
 
-def make_folder(photos: list[Path], n: int, folder: Path, seed: int = 0) -> list[Path]:
-    """``folder`` with links to ``photos`` and their edited copies up to ``n`` images; return
-    their paths. Beside it, ``groups.csv`` (``image,group``): a photo and its copies are a
-    group (``evaluation.dedupe``)."""
+def make_folder(photos: list[Path], n: int, root: Path, seed: int = 0) -> Path:
+    """A folder under ``root`` (named after what it is made of, so a rerun resumes it and
+    other settings get their own) with links to ``photos`` and their edited copies up to
+    ``n`` images; beside it, ``<folder>.groups.csv`` (``image,group``): a photo and its
+    copies are a group (``evaluation.dedupe``). Return the folder."""
+    folder = root / f"images-{digest([str(p.resolve()) for p in photos], n, seed)}"
     folder.mkdir(parents=True, exist_ok=True)
+    clean_stale_tmp(folder)
     links = [folder / f"P{k:06d}{photo.suffix.lower()}" for k, photo in enumerate(photos[:n])]
     for link, photo in zip(links, photos, strict=False):
         if not link.is_symlink():
@@ -66,14 +68,17 @@ def make_folder(photos: list[Path], n: int, folder: Path, seed: int = 0) -> list
     copies = [folder / f"E{number:06d}.jpg" for number in range(n - len(links))]
     todo = [(number, str(photos[number % len(photos)])) for number, path in enumerate(copies)
             if not path.exists()]
-    tasks = [(chunk, str(folder), seed) for chunk in spread(todo, 64) if chunk]
-    for _ in parallel_map(edit_copies, tasks, desc="edited copies", unit="image",
-                          total=len(todo), weight=int):
+    for _ in parallel_map(edit_copies, [(chunk, str(folder), seed) for chunk in spread(todo, 64)],
+                          desc="edited copies", unit="image", total=len(todo), weight=int):
         pass
-    write_csv(folder.with_name(TRUTH), ("image", "group"),
+    write_csv(truth_path(folder), ("image", "group"),
               [(link.name, f"G{k:06d}") for k, link in enumerate(links)]
               + [(copy.name, f"G{number % len(photos):06d}") for number, copy in enumerate(copies)])
-    return sorted(links + copies)
+    return folder
+
+
+def truth_path(folder: Path) -> Path:
+    return folder.with_name(f"{folder.name}.groups.csv")
 
 
 def split(images: list[Path], root: Path) -> tuple[Path, Path]:
@@ -127,21 +132,26 @@ def table(rows: list[dict], n_images: int, n_queries: int) -> str:
 
 def bench(n: int, photos: list[Path], work: Path) -> str:
     """Make the folder, time both commands on it; return the table."""
+    if n < 2:
+        raise ValueError(f"--n {n}: a folder to deduplicate needs two images or more")
     readable = [p for folder in photos for p in readable_photos(folder)]
-    images = make_folder(readable, n, work / "images")
+    if not readable:
+        raise ValueError(f"no readable photo in {', '.join(map(str, photos))}")
+    folder = make_folder(readable, n, work)
+    images = sorted(folder.iterdir())
     queries, references = split(images, work)
     rows = [timed("copydet run", [*COPYDET, "run", "--queries", str(queries), "--references",
                                   str(references), "--work", str(work / "run")],
                   work / "run", work / "run" / "pipeline.json"),
-            timed("copydet dedupe", [*COPYDET, "dedupe", "--images", str(work / "images"),
+            timed("copydet dedupe", [*COPYDET, "dedupe", "--images", str(folder),
                                      "--work", str(work / "dedupe"), "--out",
                                      str(work / "dedupe" / "out")],
                   work / "dedupe", work / "dedupe" / "out" / "dedupe.json")]
-    found = evaluate(*read_output(work / "dedupe" / "out"), work / TRUTH)
-    (work / "results.json").write_text(json.dumps(
-        {"n_images": len(images), "n_queries": len(list(queries.iterdir())), "rows": rows,
-         "dedupe_metrics": found}, indent=1))
-    return "\n".join([table(rows, len(images), len(list(queries.iterdir()))), "",
+    found = evaluate(*read_output(work / "dedupe" / "out"), truth_path(folder))
+    n_queries = len(list(queries.iterdir()))
+    write_json(work / "results.json", {"n_images": len(images), "n_queries": n_queries,
+                                       "rows": rows, "dedupe_metrics": found})
+    return "\n".join([table(rows, len(images), n_queries), "",
                       "copydet dedupe on this folder (a photo and its copies a group): " +
                       ", ".join(f"{k} {v:.4g}" for k, v in found.items())])
 

@@ -470,6 +470,12 @@ def _fmt(x: float, digits: int = 2) -> str:
     return f"{x:,.{digits}f}"
 
 
+def codes(search: dict) -> str:
+    """Codes scanned per query descriptor of a search result ("-" in one cached before it
+    was measured)."""
+    return _fmt(search["codes_per_desc"], 0) if "codes_per_desc" in search else "-"
+
+
 def search_key(factory: str, nprobe: int, name: str) -> str:
     """Results key of the search of ``factory`` at ``nprobe`` in the set ``name`` (x1, real)."""
     return f"ivf-search-{tag(factory)}-np{nprobe}-{name}"
@@ -531,7 +537,7 @@ def report(data: dict[str, Any], factors: list[int], gt: dict[str, str], q2: lis
                 f"{_fmt(b['seconds'], 1)} | {_fmt(b['seconds'] / b['ntotal'] * 1e6, 1)} | "
                 f"{b['bytes'] / 2**20:.0f} ({_per_desc(b):.1f}) | {_fmt(s['seconds'], 1)} | "
                 f"{_fmt(s['seconds'] / s['query_desc'] * 1e3, 3)} | "
-                f"{s['codes_per_desc']:,.0f} | {copies_found(data, key, gt)} | "
+                f"{codes(s)} | {copies_found(data, key, gt)} | "
                 f"{s['nearest_in_base']:.3f} | {s['peak_rss_mb']:.0f} |")
     qset = set(q16)
     rows = [(f, factory, nprobe) for f in factors if f"exact-q16-x{f}" in data
@@ -579,7 +585,7 @@ def report(data: dict[str, Any], factors: list[int], gt: dict[str, str], q2: lis
                 f"| `{factory}`{shipped} | {nprobe} | "
                 f"{agreement(exact['candidates'], s['candidates']):.3f} | "
                 f"{gt_recall(s['candidates'], gt, qset):.3f} | {_fmt(s['seconds'], 1)} | "
-                f"{_fmt(exact['seconds'] / s['seconds'], 0)} | {s['codes_per_desc']:,.0f} | "
+                f"{_fmt(exact['seconds'] / s['seconds'], 0)} | {codes(s)} | "
                 f"{_per_desc(b):.1f} | {_fmt(b['seconds'], 1)} |")
     stages = data.get("stages")
     if stages:

@@ -261,7 +261,8 @@ def plan(data: dict, gpu_tflops: float, efficiency: float) -> str:
         f"{read_s_per_gb:.1f} s per GB on one core (measured: the "
         f"{load['index_bytes'] / 1e9:.1f} GB index of the largest curve point). Query shards "
         "are grouped up to a quarter of a part of float32 descriptors, and on a cluster "
-        "into at least as many groups as it has threads.", "",
+        "into at least as many groups as it has workers (a worker's threads take turns on "
+        "one searcher).", "",
         "| where | groups | reads (arithmetic) | core time | added to the search |",
         "|---|---|---|---|---|",
         f"| one node, Faiss threads | {n_q / 1e6:,.1f} M × 512 B / ({part_gb:.1f} GB / 4) = "

@@ -30,7 +30,7 @@ from common import cli
 from common.config import digest, file_digest, output_name
 from common.io import read_csv, write_csv
 from common.logs import start_run
-from common.parallel import dask_client, parallel_map, resolve_n_jobs
+from common.parallel import dask_client, parallel_map, resolve_n_jobs, spread
 from common.shards import ShardStore
 from local_fea.index import (
     EXACT,
@@ -128,8 +128,8 @@ def search_shards(ks: list[int], queries: ShardStore, references: ShardStore, se
         owners = np.concatenate([b[1] + f for b, f in zip(blocks, first[:-1], strict=True)])
         dist, ids = searcher(np.concatenate([block[2] for block in blocks]))
         shard_of = np.searchsorted(first, np.arange(len(names)), side="right") - 1
-        own = np.array([references.number(i) if conf["skip_same_id"] and i in references
-                        else -1 for i, _ in names], np.int64)
+        own = np.array([references.number(i) if i in references else -1 for i, _ in names],
+                       np.int64) if conf["skip_same_id"] else None
         for unit, ref, votes, rank in vote(owners, dist, ids, conf["candidates"], own):
             image_id, view = names[unit]
             rows[shard_of[unit]].append((image_id, view, references.id_of(ref),
@@ -144,7 +144,7 @@ def query_groups(store: ShardStore, todo: list[int], parted: bool, part_mb: floa
                  min_groups: int = 1) -> list[list[int]]:
     """The query shards of each searcher call: one each; for an index in parts (every call
     reads every part), as many as hold a quarter of a part's bytes of float32 descriptors,
-    in at least ``min_groups`` groups (a cluster's threads) where there are shards enough."""
+    in at least ``min_groups`` groups (a cluster's workers) where there are shards enough."""
     if not parted:
         return [[k] for k in todo]
     sizes = [sum(int(v["desc"]["offsets"][-1]) for v in store.load(k)["views"].values())
@@ -159,7 +159,7 @@ def query_groups(store: ShardStore, todo: list[int], parted: bool, part_mb: floa
         groups[-1].append(k)
         held += n
     if len(groups) < min(min_groups, len(todo)):  # uneven shards: split by count instead
-        groups = [[int(k) for k in g] for g in np.array_split(todo, min(min_groups, len(todo)))]
+        groups = spread(todo, min_groups)
     return groups
 
 
@@ -248,7 +248,8 @@ def main(conf: dict[str, Any], queries: Path, references: Path, work_dir: str | 
         client = dask_client()
         groups = query_groups(query_store, todo, len(index_parts or ()) > 1,
                               sconf["index_part_mb"],
-                              1 if client is None else sum(client.nthreads().values()))
+                              1 if client is None else len(client.nthreads()))  # workers: a
+        # worker's threads share one searcher and take turns on an index in parts
         if client is None or gpu:  # here, with Faiss threads or on every GPU of this node
             searcher = open_searcher(sconf, ref_store, index_parts) if todo else None
             with tqdm(total=len(todo), desc="local search" + " (GPU)" * gpu,
@@ -258,7 +259,7 @@ def main(conf: dict[str, Any], queries: Path, references: Path, work_dir: str | 
                                   [parts[k] for k in group])
                     bar.update(len(group))
             del searcher
-        else:  # one task per query shard, spread over the Dask workers' threads
+        else:  # one task per group of query shards, spread over the Dask workers' threads
             from common.dask_resources import shared_on_workers
 
             with shared_on_workers(client) as shared:

@@ -71,9 +71,6 @@ class ScoreModel(LogisticModel):
         x = feature_matrix(rows, inliers)
         return self.decision(x), np.where(inliers == 0, 0.0, self.probability(x)), inliers
 
-    def logit(self, rows: Sequence[Mapping[str, object]]) -> np.ndarray:
-        return self.scored(rows)[0]
-
     def predict(self, rows: Sequence[Mapping[str, object]]) -> np.ndarray:
         """Probability of a copy for each row; no evidence (no inlier off a frame) scores 0."""
         return self.scored(rows)[1]
